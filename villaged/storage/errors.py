@@ -1,0 +1,47 @@
+"""Errors raised by the storage layer.
+
+Each error says what is wrong and where (file, offset, key), so that the CLI can print it
+as a one-line reason and the daemon can log it without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class StorageError(Exception):
+    """Base class: something about stored data or the data directory is wrong."""
+
+
+class DataDirError(StorageError):
+    """The data directory cannot be used: wrong format version, locked, not ours."""
+
+
+class CorruptionError(StorageError):
+    """Stored bytes fail their checks at a place that must be intact."""
+
+    def __init__(self, path: Path, offset: int, reason: str) -> None:
+        super().__init__(f"{path}: offset {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+
+class LogWriteError(StorageError):
+    """An append batch could not be made durable; none of its records were acknowledged."""
+
+
+class RecordTooLargeError(StorageError):
+    """A record exceeds the configured maximum record size."""
+
+
+class KeyManagementError(StorageError):
+    """Base for key-management failures."""
+
+
+class DecryptError(KeyManagementError):
+    """A sealed payload does not authenticate: tampered, or moved to another user/record."""
+
+
+class ShreddedError(KeyManagementError):
+    """The data key a payload was sealed under has been destroyed (crypto-shredding)."""
