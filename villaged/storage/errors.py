@@ -6,7 +6,10 @@ as a one-line reason and the daemon can log it without a traceback.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class StorageError(Exception):

@@ -32,10 +32,9 @@ class Record:
 
 
 def encode_record(record: Record) -> bytes:
-    packed: bytes = msgpack.packb(
-        {"t": record.type, "v": record.version, "T": record.term, "i": record.index, "b": record.body},
-        use_bin_type=True,
-    )
+    obj = {"t": record.type, "v": record.version, "T": record.term, "i": record.index}
+    obj["b"] = record.body
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
     return packed
 
 
@@ -46,13 +45,22 @@ def decode_record(payload: bytes) -> Record:
         raise RecordDecodeError(f"record does not decode as msgpack: {exc}") from exc
     if not isinstance(obj, dict):
         raise RecordDecodeError("record is not a msgpack map")
-    rtype, version, term, index, body = (obj.get(k) for k in ("t", "v", "T", "i", "b"))
+    rtype, body = obj.get("t"), obj.get("b")
     if not isinstance(rtype, str) or not rtype:
         raise RecordDecodeError("record has no type tag")
-    for name, value in (("v", version), ("T", term), ("i", index)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise RecordDecodeError(f"record field {name!r} is not a non-negative integer")
     if not isinstance(body, dict):
         raise RecordDecodeError("record body is not a map")
-    assert isinstance(version, int) and isinstance(term, int) and isinstance(index, int)
-    return Record(type=rtype, body=body, version=version, term=term, index=index)
+    return Record(
+        type=rtype,
+        body=body,
+        version=_non_negative(obj, "v"),
+        term=_non_negative(obj, "T"),
+        index=_non_negative(obj, "i"),
+    )
+
+
+def _non_negative(obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RecordDecodeError(f"record field {key!r} is not a non-negative integer")
+    return value
