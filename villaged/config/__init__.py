@@ -1,1 +1,38 @@
-"""config"""
+"""Configuration: the TOML schema (``model``) and the loader that checks and reads it (``loader``).
+
+Everything else imports from here: ``load_config``, ``check_config_files``, ``ConfigError`` and
+the section dataclasses.
+"""
+
+from villaged.config.loader import ConfigError, check_config_files, load_config, read_section
+from villaged.config.model import (
+    Config,
+    Endpoint,
+    HttpListenerConfig,
+    ListenerConfig,
+    ListenersConfig,
+    LogConfig,
+    LogLevel,
+    ServerConfig,
+    StorageConfig,
+    TlsConfig,
+    TlsProfile,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Endpoint",
+    "HttpListenerConfig",
+    "ListenerConfig",
+    "ListenersConfig",
+    "LogConfig",
+    "LogLevel",
+    "ServerConfig",
+    "StorageConfig",
+    "TlsConfig",
+    "TlsProfile",
+    "check_config_files",
+    "load_config",
+    "read_section",
+]

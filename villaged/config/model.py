@@ -1,0 +1,299 @@
+"""The configuration schema: one frozen dataclass per TOML section.
+
+This module owns what the settings *are*: their names, types, defaults, allowed ranges, the
+one-line description of each expected form, and the rules that span several keys. It does not
+read files; ``villaged.config.loader`` walks these dataclasses generically, so a new section is
+a new dataclass here plus one field on ``Config``.
+
+How a field is read is declared in its ``dataclasses.field(metadata=setting(...))``:
+
+* ``int`` takes ``min``/``max``; ``bool`` is never an ``int`` and vice versa;
+* ``str`` and other scalar types take ``parse`` (a function from the TOML string that raises
+  ``ValueError`` with a short reason) and ``form`` (what the error message says is expected);
+* ``pathlib.Path`` values are resolved against the config file's directory, defaults included;
+* ``Literal[...]`` lists the allowed strings; ``X | None`` makes a key optional;
+* ``tuple[X, ...]`` is a TOML array whose items are read as ``X`` (``item_form`` describes one);
+* a nested dataclass is a TOML table (a section).
+
+Rules across keys live in a section's ``validate(name)`` method, which the loader calls with a
+function that turns a key of this section into its full dotted path, so messages name every key
+involved wherever the section is mounted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+TlsProfile = Literal["modern", "intermediate", "old"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+_METADATA_KEY = "villaged.config"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """How the loader reads one key: bounds, parser and the words used in error messages."""
+
+    form: str | None = None
+    item_form: str | None = None
+    min: int | None = None
+    max: int | None = None
+    parse: Callable[[str], object] | None = None
+    internal: bool = False
+
+
+def setting(
+    *,
+    form: str | None = None,
+    item_form: str | None = None,
+    min: int | None = None,
+    max: int | None = None,
+    parse: Callable[[str], object] | None = None,
+) -> Mapping[str, Setting]:
+    """Field metadata for a configuration key (use as ``field(metadata=setting(...))``)."""
+    return {_METADATA_KEY: Setting(form=form, item_form=item_form, min=min, max=max, parse=parse)}
+
+
+def not_a_key() -> Mapping[str, Setting]:
+    """Field metadata for dataclass fields the loader fills itself rather than from TOML."""
+    return {_METADATA_KEY: Setting(internal=True)}
+
+
+def setting_of(metadata: Mapping[str, Any]) -> Setting:
+    """The ``Setting`` declared on a field, or the default one when none was declared."""
+    found = metadata.get(_METADATA_KEY)
+    return found if isinstance(found, Setting) else Setting()
+
+
+class SettingError(ValueError):
+    """A rule across keys is broken; raised by a section's ``validate``.
+
+    ``key`` is the full dotted path of the key to blame; ``problem`` completes the sentence
+    after it and names the other keys involved (also as full paths).
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+# --- value parsers -------------------------------------------------------------------------
+
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_NODE_NAME = re.compile(r"[a-z0-9-]{1,63}")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def parse_domain(text: str) -> str:
+    """Accept ``localhost`` or a lowercase DNS name of at least two labels (no IP literals)."""
+    if text == "localhost":
+        return text
+    if len(text) > 253:
+        raise ValueError("longer than 253 characters")
+    labels = text.split(".")
+    if len(labels) < 2:
+        raise ValueError('needs at least two labels, like "example.org"')
+    if not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError("labels are 1 to 63 of a-z, 0-9 and inner '-'")
+    if labels[-1].isdigit():
+        raise ValueError("an IP address is not a domain")
+    return text
+
+
+def parse_node_name(text: str) -> str:
+    if not _NODE_NAME.fullmatch(text):
+        raise ValueError
+    return text
+
+
+def _is_host(text: str) -> bool:
+    """An IPv4 literal or a hostname (a name whose last label is all digits must be IPv4)."""
+    labels = text.split(".")
+    if labels[-1].isdigit():
+        try:
+            ipaddress.IPv4Address(text)
+        except ValueError:
+            return False
+        return True
+    return len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+class Endpoint(NamedTuple):
+    """A listening address: ``host`` is an IP literal (IPv6 without brackets) or a hostname."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse ``"host:port"`` or ``"[v6]:port"`` into an ``Endpoint``."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError("no port")
+    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise ValueError("port must be from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("brackets must hold an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError("an IPv6 address needs brackets, like [::1]:5222")
+    elif not _is_host(host):
+        raise ValueError("host is neither an IP address nor a hostname")
+    return Endpoint(host, int(port_text))
+
+
+# --- sections ------------------------------------------------------------------------------
+
+_DOMAIN_FORM = 'a lowercase DNS name such as "example.org", or "localhost"'
+_NODE_FORM = 'a node name of 1 to 63 characters from a-z, 0-9 and "-"'
+_BIND_FORM = 'an array of "host:port" strings, e.g. ["127.0.0.1:5222", "[::1]:5222"]'
+_ENDPOINT_FORM = '"host:port" with a port from 1 to 65535 ("[::1]:5222" for IPv6)'
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: who this server is."""
+
+    domain: str = field(metadata=setting(form=_DOMAIN_FORM, parse=parse_domain))
+    node: str = field(default="node1", metadata=setting(form=_NODE_FORM, parse=parse_node_name))
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """``[storage]``: where durable state lives and how the log is cut."""
+
+    dir: Path = Path("data")
+    keyset: Path = Path("keys/keyset.json")
+    segment_bytes: int = field(default=64 * MiB, metadata=setting(min=1 * MiB, max=4 * GiB))
+    max_record_bytes: int = field(default=1 * MiB, metadata=setting(min=4 * KiB, max=64 * MiB))
+    snapshot_every: int = field(default=100_000, metadata=setting(min=1000, max=10_000_000))
+
+    def validate(self, name: Callable[[str], str]) -> None:
+        if self.max_record_bytes >= self.segment_bytes:
+            raise SettingError(
+                name("max_record_bytes"),
+                f"must be less than {name('segment_bytes')} ({self.segment_bytes}), "
+                f"got {self.max_record_bytes}",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """``[tls]``: the certificate every TLS listener presents, and the default profile."""
+
+    cert: Path
+    key: Path
+    profile: TlsProfile = "intermediate"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """``[listeners.NAME]``: where one kind of listener accepts connections."""
+
+    bind: tuple[Endpoint, ...] = field(
+        default=(),
+        metadata=setting(form=_BIND_FORM, item_form=_ENDPOINT_FORM, parse=parse_endpoint),
+    )
+    tls_profile: TlsProfile | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bind)
+
+    def profile(self, default: TlsProfile) -> TlsProfile:
+        """This listener's TLS profile: its own ``tls_profile``, else ``[tls].profile``."""
+        return self.tls_profile if self.tls_profile is not None else default
+
+
+@dataclass(frozen=True, slots=True)
+class HttpListenerConfig(ListenerConfig):
+    """``[listeners.http]``: metrics and health; loopback only unless ``allow_public``."""
+
+    allow_public: bool = False
+
+    def validate(self, name: Callable[[str], str]) -> None:
+        if self.allow_public:
+            return
+        for endpoint in self.bind:
+            if not endpoint.is_loopback:
+                raise SettingError(
+                    name("bind"),
+                    f'"{endpoint}" is not a loopback address; metrics and health stay on '
+                    f"loopback unless {name('allow_public')} = true",
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class ListenersConfig:
+    """``[listeners]``: one table per listener kind; an empty ``bind`` (the default) disables it."""
+
+    c2s: ListenerConfig = field(default_factory=ListenerConfig)
+    c2s_tls: ListenerConfig = field(default_factory=ListenerConfig)
+    websocket: ListenerConfig = field(default_factory=ListenerConfig)
+    http: HttpListenerConfig = field(default_factory=HttpListenerConfig)
+    s2s: ListenerConfig = field(default_factory=ListenerConfig)
+    s2s_tls: ListenerConfig = field(default_factory=ListenerConfig)
+    cluster: ListenerConfig = field(default_factory=ListenerConfig)
+
+    def by_name(self) -> dict[str, ListenerConfig]:
+        """Every listener under its key name, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def validate(self, name: Callable[[str], str]) -> None:
+        claimed: dict[Endpoint, str] = {}
+        for listener_name, listener in self.by_name().items():
+            here = name(f"{listener_name}.bind")
+            for endpoint in listener.bind:
+                if endpoint in claimed:
+                    other = claimed[endpoint]
+                    problem = "is listed twice" if other == here else f"is also bound by {other}"
+                    raise SettingError(here, f'"{endpoint}" {problem}')
+                claimed[endpoint] = here
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: how much the daemon says."""
+
+    level: LogLevel = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration: one field per section, plus the file it came from."""
+
+    server: ServerConfig
+    tls: TlsConfig
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    listeners: ListenersConfig = field(default_factory=ListenersConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: Path = field(default=Path("villaged.toml"), metadata=not_a_key())
