@@ -48,3 +48,20 @@ class DecryptError(KeyManagementError):
 
 class ShreddedError(KeyManagementError):
     """The data key a payload was sealed under has been destroyed (crypto-shredding)."""
+
+
+class KeyFileError(KeyManagementError):
+    """A keyset or key-vault file or directory is missing, malformed, unwritable or too open.
+
+    The message is complete and names the path; ``path`` is kept for callers that report it
+    separately (``villaged check``).
+    """
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+# The name is the one the log API was specified with; it reads as what it is, like IndexError.
+class IndexOutOfRange(StorageError, IndexError):  # noqa: N818
+    """A log index outside the entries the log holds (compacted away, or not yet written)."""
