@@ -1,0 +1,220 @@
+"""The store: data directory layout and locking, log-first account writes, rebuild on open,
+snapshots, and crypto-shredding of deleted users."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from villaged.storage import crypto
+from villaged.storage.errors import DataDirError, ShreddedError, StorageError
+from villaged.storage.log import SegmentLog
+from villaged.storage.records import Record
+from villaged.storage.state import ACCOUNT_CREATE, ACCOUNT_DELETE
+from villaged.storage.store import (
+    NoSuchUserError,
+    Store,
+    StoreOptions,
+    UserExistsError,
+    open_store,
+)
+from villaged.xmpp.scram import password_matches
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+@pytest.fixture
+def options(tmp_path: Path) -> StoreOptions:
+    keyset = tmp_path / "keyset.json"
+    crypto.Keyset.generate(datetime(2026, 11, 29, tzinfo=UTC)).save(keyset)
+    return StoreOptions(directory=tmp_path / "data", keyset=keyset, snapshot_every=1_000_000)
+
+
+def _password_ok(store: Store, jid: str, password: str) -> bool:
+    creds = store.credentials(jid)
+    assert creds is not None
+    assert set(creds) == {"SCRAM-SHA-1", "SCRAM-SHA-256"}
+    return all(password_matches(c, password) for c in creds.values())
+
+
+async def test_accounts_survive_reopen(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "correct horse")
+        await store.add_user("bob@example.org", "battery staple")
+        await store.set_password("bob@example.org", "new staple")
+        assert store.users() == ["alice@example.org", "bob@example.org"]
+    async with open_store(options) as store:
+        assert store.users() == ["alice@example.org", "bob@example.org"]
+        assert _password_ok(store, "alice@example.org", "correct horse")
+        assert _password_ok(store, "bob@example.org", "new staple")
+        assert not _password_ok(store, "bob@example.org", "battery staple")
+        for c in (store.credentials("alice@example.org") or {}).values():
+            assert c.iterations >= 4096
+            assert len(c.salt) >= 16
+
+
+async def test_no_password_or_key_in_the_data_directory(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "Sup3rSecretPassw0rd")
+        creds = store.credentials("alice@example.org")
+        assert creds is not None
+        stored_keys = [c.stored_key for c in creds.values()]
+    for path in options.directory.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"Sup3rSecretPassw0rd" not in data
+            for key in stored_keys:
+                assert key not in data, f"{path} holds a StoredKey in the clear"
+
+
+async def test_duplicate_and_missing_users(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "pw-one")
+        with pytest.raises(UserExistsError, match="already exists"):
+            await store.add_user("alice@example.org", "pw-two")
+        with pytest.raises(NoSuchUserError, match="no such user"):
+            await store.set_password("carol@example.org", "pw")
+        with pytest.raises(NoSuchUserError, match="no such user"):
+            await store.delete_user("carol@example.org")
+        assert _password_ok(store, "alice@example.org", "pw-one")
+
+
+def test_local_user_validation(options: StoreOptions) -> None:
+    store = Store.open(options)
+    try:
+        assert store.local_user("Alice@Example.org", "example.org") == "alice@example.org"
+        with pytest.raises(NoSuchUserError, match="not a valid JID"):
+            store.local_user("a b@example.org", "example.org")
+        with pytest.raises(NoSuchUserError, match="bare user JID"):
+            store.local_user("example.org", "example.org")
+        with pytest.raises(NoSuchUserError, match="bare user JID"):
+            store.local_user("a@example.org/r", "example.org")
+        with pytest.raises(NoSuchUserError, match="domain"):
+            store.local_user("a@other.org", "example.org")
+    finally:
+        store.close()
+
+
+async def test_concurrent_writes_apply_in_index_order(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(store.add_user, f"user{i}@example.org", f"password-{i}")
+        assert len(store.users()) == 40
+        assert store.state.applied_index == store.log.last_index == 40
+    async with open_store(options) as store:
+        assert len(store.users()) == 40
+
+
+async def test_cancelled_writer_still_reaches_the_views(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        with trio.move_on_after(0):
+            await store.commit(
+                Record(ACCOUNT_DELETE, {"u": "ghost@example.org"})
+            )  # shielded: finishes despite the expired deadline
+        assert store.state.applied_index == store.log.last_index == 1
+
+
+async def test_delete_shreds_old_records(options: StoreOptions, tmp_path: Path) -> None:
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "alice password")
+        await store.add_user("bob@example.org", "bob password")
+    copy = tmp_path / "copy-before-delete"
+    shutil.copytree(options.directory, copy)
+    async with open_store(options) as store:
+        await store.delete_user("alice@example.org")
+        assert store.users() == ["bob@example.org"]
+        assert not store.vault.has_user("alice@example.org")
+    # The old log segments (copied before the delete) still hold alice's sealed record, but
+    # her data key is gone from the live vault: the ciphertext can no longer be opened.
+    keyset = crypto.Keyset.load(options.keyset)
+    vault = crypto.UserKeyVault.open(options.directory / "vault", keyset)
+    old_log = SegmentLog.open(copy / "log")
+    try:
+        sealed = [r for r in old_log.scan(1) if r.body.get("u") == "alice@example.org"]
+        assert sealed
+        for record in sealed:
+            with pytest.raises(ShreddedError):
+                crypto.unseal(
+                    vault, record.type, "alice@example.org", record.body["id"], record.body["s"]
+                )
+    finally:
+        old_log.close()
+    # Re-creating the user gives a fresh key; the old incarnation stays unreadable.
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "second life")
+    async with open_store(options) as store:
+        assert _password_ok(store, "alice@example.org", "second life")
+
+
+async def test_open_finishes_an_interrupted_delete(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "alice password")
+        # The delete record is durable but the process "dies" before destroying the key.
+        await store.commit(Record(ACCOUNT_DELETE, {"u": "alice@example.org"}))
+        assert store.vault.has_user("alice@example.org")
+    async with open_store(options) as store:
+        assert store.users() == []
+        assert not store.vault.has_user("alice@example.org")
+
+
+async def test_snapshot_rebuild_and_compaction(options: StoreOptions) -> None:
+    small = StoreOptions(
+        directory=options.directory,
+        keyset=options.keyset,
+        segment_bytes=4096,
+        max_record_bytes=2048,
+        snapshot_every=5,
+    )
+    async with open_store(small) as store:
+        for i in range(12):
+            await store.add_user(f"u{i}@example.org", f"password {i}")
+        await store.delete_user("u3@example.org")
+        snap = store.log.latest_snapshot()
+        assert snap is not None
+        assert snap.index >= 10
+        assert store.log.first_index > 1, "segments covered by the snapshot were compacted"
+        expected = store.users()
+    async with open_store(small) as store:
+        assert store.users() == expected
+        assert _password_ok(store, "u11@example.org", "password 11")
+        assert "u3@example.org" not in store.users()
+
+
+def test_format_and_lock_errors(options: StoreOptions, tmp_path: Path) -> None:
+    store = Store.open(options)
+    with pytest.raises(DataDirError, match="in use by another villaged process"):
+        Store.open(options)
+    store.close()
+    Store.open(options).close()  # the lock is released on close
+
+    (options.directory / "FORMAT").write_text("villaged-storage 99\n")
+    with pytest.raises(DataDirError, match="villaged-storage 99"):
+        Store.open(options)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "something").write_text("not ours")
+    with pytest.raises(DataDirError, match="no FORMAT file"):
+        Store.open(StoreOptions(directory=foreign, keyset=options.keyset))
+    assert (foreign / "something").read_text() == "not ours"
+
+
+async def test_unknown_record_type_is_refused_with_its_index(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "pw pw pw")
+        await store.log.append(Record("future.thing", {"x": 1}))
+    with pytest.raises(StorageError, match=r"log index 2: unknown record type 'future.thing'"):
+        Store.open(options)
+
+
+async def test_newer_schema_version_is_refused(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        await store.log.append(Record(ACCOUNT_CREATE, {"u": "a@example.org"}, version=7))
+    with pytest.raises(StorageError, match="schema version 7"):
+        Store.open(options)

@@ -1,0 +1,82 @@
+"""The node as a real process: `villaged run` opens its storage, reports ready over HTTP,
+logs JSON lines, holds the data directory lock, and exits cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import trio
+
+from tests.ports import free_port_base
+from villaged.ops.provision import init_dev
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+async def _get(port: int, path: str) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+    return data
+
+
+async def test_run_ready_lock_and_sigterm(tmp_path: Path) -> None:
+    port_base = free_port_base()
+    result = init_dev(tmp_path / "n", port_base=port_base, now=datetime.now(UTC))
+    http_port = port_base + 3
+    log_path = tmp_path / "node.log"
+    with log_path.open("wb") as log_file:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "villaged", "run", "-c", str(result.config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        with trio.fail_after(20):
+            while True:
+                try:
+                    response = await _get(http_port, "/readyz")
+                    break
+                except OSError:
+                    assert proc.poll() is None, log_path.read_text()
+                    await trio.sleep(0.05)
+        assert response.startswith(b"HTTP/1.1 200")
+        assert (await _get(http_port, "/healthz")).endswith(b"ok\n")
+        assert (await _get(http_port, "/nope")).startswith(b"HTTP/1.1 404")
+
+        # The running node holds the data directory: offline tools refuse politely.
+        with trio.fail_after(30):
+            busy = await trio.run_process(
+                [sys.executable, "-m", "villaged", "user", "list", "-c", str(result.config)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert busy.returncode == 1
+        assert b"in use by another villaged process" in busy.stderr
+
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            await proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await proc.wait()
+    out = log_path.read_text()
+    assert proc.returncode == 0, out
+    events = [json.loads(line)["event"] for line in out.splitlines()]
+    assert events.index("node.ready") < events.index("node.stopping") < events.index("node.stopped")
+    for line in out.splitlines():
+        entry = json.loads(line)
+        assert {"ts", "level", "event", "node", "msg"} <= entry.keys()

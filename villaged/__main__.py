@@ -1,0 +1,3 @@
+from villaged.cli import main
+
+raise SystemExit(main())

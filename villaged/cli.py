@@ -1,0 +1,209 @@
+"""Command line: argv → subcommand → the module that does the work. No logic of its own.
+
+Every failure ends with a non-zero exit and one line on stderr: ``villaged: error: <reason>``.
+Exit codes: 0 success, 1 the command failed, 2 the command line was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import trio
+
+from villaged import __version__
+from villaged.config import Config, ConfigError, check_config_files, load_config
+from villaged.storage.errors import StorageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+
+class CommandError(Exception):
+    """A command failed for a reason the user can act on; the message is the one line shown."""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(Path(args.config))
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"villaged {__version__}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from villaged.ops.provision import init_dev
+
+    if not args.dev:
+        raise CommandError("only development nodes can be initialised yet: pass --dev")
+    directory = Path(args.dir)
+    result = init_dev(
+        directory,
+        domain=args.domain,
+        port_base=args.port_base,
+        force=args.force,
+        now=datetime.now(UTC),
+    )
+    for path in result.created:
+        print(f"created {path}")
+    for path in result.kept:
+        print(f"kept    {path}")
+    if args.demo_users:
+        from villaged.ops.demo import ensure_demo_users
+
+        for line in trio.run(ensure_demo_users, directory / "villaged.toml"):
+            print(line)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from villaged.storage.crypto import Keyset
+
+    config = _config(args)
+    check_config_files(config)
+    Keyset.load(config.storage.keyset)
+    print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from villaged.app import run_node
+    from villaged.ops.logging import configure_logging
+
+    config = _config(args)
+    check_config_files(config)
+    configure_logging(config.log.level, config.server.node)
+    trio.run(run_node, config)
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from villaged.ops.keys import rotate_keys
+
+    result = trio.run(rotate_keys, _config(args))
+    print(
+        f"new primary key {result.primary_id} ({result.key_count} keys in the keyset); "
+        f"re-wrapped {result.rewrapped} user data keys"
+    )
+    return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from villaged.ops import accounts
+
+    config = _config(args)
+    action = args.user_command
+    if action == "list":
+        for jid in trio.run(accounts.list_users, config):
+            print(jid)
+        return 0
+    if action == "delete":
+        print(f"deleted {trio.run(accounts.delete_user, config, args.jid)} and destroyed its key")
+        return 0
+    password = accounts.read_new_password()
+    if action == "add":
+        print(f"added {trio.run(accounts.add_user, config, args.jid, password)}")
+    else:
+        print(
+            f"changed the password of {trio.run(accounts.set_password, config, args.jid, password)}"
+        )
+    return 0
+
+
+def cmd_storage_verify(args: argparse.Namespace) -> int:
+    from villaged.storage.verify import verify_store
+
+    config = _config(args)
+    report = verify_store(config.storage.dir, max_record_bytes=config.storage.max_record_bytes)
+    for line in report.summary_lines():
+        print(line)
+    if not report.ok:
+        raise CommandError(f"storage is damaged: {report.problems[0]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="villaged",
+        description="villaged, the village messenger daemon (an XMPP server).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", required=True, metavar="FILE", help="villaged.toml")
+        return p
+
+    add("version", cmd_version, "print the version")
+
+    p = add("init", cmd_init, "write a working config, TLS certificate and keyset")
+    p.add_argument("--dev", action="store_true", help="a development node (self-signed cert)")
+    p.add_argument("--dir", required=True, metavar="DIR", help="where to write the node's files")
+    p.add_argument("--domain", default="localhost", help="the XMPP domain (default localhost)")
+    p.add_argument(
+        "--port-base",
+        type=int,
+        default=5222,
+        metavar="N",
+        help="c2s N, c2s TLS N+1, WebSocket N+2, HTTP N+3, s2s N+4, s2s TLS N+5, cluster N+6",
+    )
+    p.add_argument("--force", action="store_true", help="regenerate keys, certificate, config")
+    p.add_argument("--demo-users", action="store_true", help="also create demo accounts")
+
+    with_config(add("check", cmd_check, "validate a config and the files it names"))
+    with_config(add("run", cmd_run, "run the node in the foreground"))
+
+    keys = sub.add_parser("keys", help="manage the key-encryption keyset")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    p = keys_sub.add_parser("rotate", help="add a new primary key and re-wrap user data keys")
+    with_config(p).set_defaults(func=cmd_keys_rotate)
+
+    user = sub.add_parser("user", help="manage accounts (on a stopped node)")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    for action, help_ in (
+        ("add", "create an account; password from a prompt or stdin"),
+        ("passwd", "change a password; password from a prompt or stdin"),
+        ("delete", "delete an account and destroy its data key"),
+    ):
+        p = with_config(user_sub.add_parser(action, help=help_))
+        p.add_argument("jid", metavar="JID", help="user@domain")
+        p.set_defaults(func=cmd_user)
+    with_config(user_sub.add_parser("list", help="list accounts")).set_defaults(func=cmd_user)
+
+    storage = sub.add_parser("storage", help="inspect the data directory")
+    storage_sub = storage.add_subparsers(dest="storage_command", required=True, metavar="ACTION")
+    p = storage_sub.add_parser("verify", help="offline integrity scan of the data directory")
+    with_config(p).set_defaults(func=cmd_storage_verify)
+    return parser
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"villaged: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (CommandError, ConfigError, StorageError, ValueError) as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except OSError as exc:
+        _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

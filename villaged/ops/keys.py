@@ -1,0 +1,37 @@
+"""Key-encryption keyset rotation (`villaged keys rotate`).
+
+Rotation adds a new primary key to the keyset file (old keys stay, so everything sealed before
+still opens) and re-wraps every user's data key under it. The data directory is locked for
+the duration, so this runs on a stopped node. If it is interrupted after the keyset is saved,
+running it again finishes the re-wrap (the old key is still in the keyset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import trio
+
+from villaged.storage.store import StoreOptions, open_store
+
+if TYPE_CHECKING:
+    from villaged.config.model import Config
+
+
+@dataclass(frozen=True, slots=True)
+class RotationResult:
+    primary_id: int
+    key_count: int
+    rewrapped: int
+
+
+async def rotate_keys(config: Config) -> RotationResult:
+    options = StoreOptions.from_config(config.storage)
+    async with open_store(options) as store:  # holds the data directory lock throughout
+        keyset = store.vault.keyset.rotated(datetime.now(UTC))
+        await trio.to_thread.run_sync(keyset.save, options.keyset)
+        store.vault.replace_keyset(keyset)
+        rewrapped = await trio.to_thread.run_sync(store.vault.rewrap_all)
+    return RotationResult(keyset.primary_id, len(keyset.key_ids), rewrapped)

@@ -1,0 +1,339 @@
+"""The store: one data directory, its log, its data keys and the state they produce.
+
+This is the only place that opens a data directory. It owns the layout::
+
+    DIR/FORMAT     "villaged-storage 1" — refuses directories of another format
+    DIR/LOCK       flock'ed while open, holds the owner's pid (one process per directory)
+    DIR/log/       the segment log and its snapshots (storage.log)
+    DIR/vault/     per-user data keys wrapped by the keyset (storage.crypto)
+
+Writes go log-first: a change is sealed, appended, and applied to the views only after the
+append is durable, in index order. ``add_user`` returning means the account is on disk.
+Deleting a user appends ``account.delete`` and then destroys the user's data key; if the
+process dies in between, opening the store finishes the shredding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from villaged.background import running_in_background
+from villaged.storage import crypto
+from villaged.storage.errors import DataDirError, StorageError
+from villaged.storage.log import SegmentLog
+from villaged.storage.records import Record
+from villaged.storage.state import (
+    ACCOUNT_CREATE,
+    ACCOUNT_DELETE,
+    ACCOUNT_PASSWORD,
+    AccountSecrets,
+    State,
+    pack_account_secrets,
+)
+from villaged.xmpp.jid import JID, JIDError
+from villaged.xmpp.scram import MECHANISMS, ScramCredential, derive_credential
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Mapping
+    from pathlib import Path
+
+    from villaged.config.model import StorageConfig
+
+FORMAT: Final = "villaged-storage 1"
+SALT_BYTES: Final = 16
+log = logging.getLogger("villaged.storage")
+
+
+class UserExistsError(StorageError):
+    pass
+
+
+class NoSuchUserError(StorageError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    directory: Path
+    keyset: Path
+    segment_bytes: int = 64 * 2**20
+    max_record_bytes: int = 2**20
+    snapshot_every: int = 100_000
+
+    @classmethod
+    def from_config(cls, config: StorageConfig) -> StoreOptions:
+        return cls(
+            directory=config.dir,
+            keyset=config.keyset,
+            segment_bytes=config.segment_bytes,
+            max_record_bytes=config.max_record_bytes,
+            snapshot_every=config.snapshot_every,
+        )
+
+
+class Store:
+    def __init__(
+        self,
+        options: StoreOptions,
+        lock_fd: int,
+        segment_log: SegmentLog,
+        vault: crypto.UserKeyVault,
+        state: State,
+    ) -> None:
+        self.options = options
+        self.log = segment_log
+        self.vault = vault
+        self.state = state
+        self._lock_fd = lock_fd
+        # Records appended but not yet applied, by index: applied strictly in index order.
+        self._unapplied: dict[int, Record] = {}
+        self._snapshot_index = state.applied_index
+        self._snapshotting = False
+        self._account_lock = trio.Lock()
+        self._applied_progress = trio.Event()
+
+    # ----- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, options: StoreOptions) -> Store:
+        """Open (creating if new) the data directory; recover the log; rebuild the views."""
+        directory = options.directory
+        _prepare_directory(directory)
+        lock_fd = _lock_directory(directory)
+        try:
+            keyset = crypto.Keyset.load(options.keyset)
+            vault = crypto.UserKeyVault.open(directory / "vault", keyset)
+            segment_log = SegmentLog.open(
+                directory / "log",
+                segment_bytes=options.segment_bytes,
+                max_record_bytes=options.max_record_bytes,
+            )
+            try:
+                state = _rebuild_state(segment_log, vault)
+            except BaseException:
+                segment_log.close()
+                raise
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        store = cls(options, lock_fd, segment_log, vault, state)
+        store._finish_pending_shredding()
+        return store
+
+    def close(self) -> None:
+        self.log.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The store's background work (the log's group-commit writer)."""
+        await self.log.run(task_status=task_status)
+
+    def _unseal(self, rtype: str, user: str, record_id: str, envelope: Mapping[str, Any]) -> bytes:
+        return crypto.unseal(self.vault, rtype, user, record_id, envelope)
+
+    def _finish_pending_shredding(self) -> None:
+        for user in self.vault.users():
+            if user not in self.state.accounts:
+                # Deleted in the log but the process died before the key was destroyed, or
+                # the key was made for an account whose create record never became durable.
+                self.vault.destroy(user)
+                log.info("data key destroyed", extra={"event": "storage.key_shredded"})
+
+    # ----- writing -------------------------------------------------------------------------
+
+    async def commit(self, record: Record) -> int:
+        """Append durably, then apply to the views in index order; returns the index."""
+        # Shielded: once handed to the log the record will become durable (or fail for the
+        # whole batch), and a durable record must reach the views even if our caller gave up.
+        with trio.CancelScope(shield=True):
+            index = await self.log.append(record)
+            self._unapplied[index] = record
+            self._apply_ready()
+            # Appenders of one batch wake in any order; wait for lower indexes to be applied.
+            while self.state.applied_index < index:
+                await self._applied_progress.wait()
+        await self._maybe_snapshot()
+        return index
+
+    def _apply_ready(self) -> None:
+        advanced = False
+        while (record := self._unapplied.pop(self.state.applied_index + 1, None)) is not None:
+            index = self.state.applied_index + 1
+            self.state.apply(record.type, record.version, record.body, self._unseal)
+            self.state.mark_applied(index, record.term)
+            advanced = True
+        if advanced:
+            self._applied_progress.set()
+            self._applied_progress = trio.Event()
+
+    async def _maybe_snapshot(self) -> None:
+        if self._snapshotting:
+            return
+        if self.state.applied_index - self._snapshot_index < self.options.snapshot_every:
+            return
+        self._snapshotting = True
+        try:
+            await self.snapshot()
+        finally:
+            self._snapshotting = False
+
+    async def snapshot(self) -> None:
+        """Write the views as a snapshot now; the log compacts segments it covers."""
+        index, term = self.state.applied_index, self.state.applied_term
+        data = self.state.snapshot_bytes()
+        await self.log.save_snapshot(index, term, data)
+        self._snapshot_index = index
+
+    # ----- accounts ------------------------------------------------------------------------
+
+    def local_user(self, jid: str, domain: str) -> str:
+        """Validate ``jid`` as a bare JID of ``domain``; return its canonical form."""
+        try:
+            parsed = JID.parse(jid)
+        except JIDError as exc:
+            raise NoSuchUserError(f"{jid!r} is not a valid JID: {exc}") from exc
+        if not parsed.local or parsed.resource:
+            raise NoSuchUserError(f"{jid!r} is not a bare user JID (user@domain)")
+        if parsed.domain != domain:
+            raise NoSuchUserError(f"{jid!r} is not in this server's domain {domain}")
+        return str(parsed)
+
+    async def add_user(self, jid: str, password: str) -> None:
+        async with self._account_lock:
+            if jid in self.state.accounts:
+                raise UserExistsError(f"user {jid} already exists")
+            await self._write_credentials(ACCOUNT_CREATE, jid, password)
+
+    async def set_password(self, jid: str, password: str) -> None:
+        async with self._account_lock:
+            if jid not in self.state.accounts:
+                raise NoSuchUserError(f"no such user {jid}")
+            await self._write_credentials(ACCOUNT_PASSWORD, jid, password)
+
+    async def delete_user(self, jid: str) -> None:
+        async with self._account_lock:
+            if jid not in self.state.accounts:
+                raise NoSuchUserError(f"no such user {jid}")
+            await self.commit(Record(ACCOUNT_DELETE, {"u": jid}))
+            await trio.to_thread.run_sync(self.vault.destroy, jid)
+
+    def users(self) -> list[str]:
+        return self.state.accounts.jids()
+
+    def credentials(self, jid: str) -> Mapping[str, ScramCredential] | None:
+        account = self.state.accounts.get(jid)
+        if account is None or account.secrets is None:
+            return None
+        return account.secrets.credentials
+
+    async def _write_credentials(self, rtype: str, jid: str, password: str) -> None:
+        secrets = await trio.to_thread.run_sync(_derive_secrets, password)
+        record_id = crypto.new_record_id()
+        plaintext = pack_account_secrets(secrets)
+        sealed = await trio.to_thread.run_sync(
+            crypto.seal, self.vault, rtype, jid, record_id, plaintext
+        )
+        await self.commit(Record(rtype, {"u": jid, "id": record_id, "s": sealed}))
+
+
+def _derive_secrets(password: str) -> AccountSecrets:
+    creds = {
+        mechanism: derive_credential(mechanism, password, os.urandom(SALT_BYTES))
+        for mechanism in MECHANISMS
+    }
+    return AccountSecrets(created=int(time.time()), credentials=creds)
+
+
+def _rebuild_state(segment_log: SegmentLog, vault: crypto.UserKeyVault) -> State:
+    def unseal(rtype: str, user: str, record_id: str, envelope: Mapping[str, Any]) -> bytes:
+        return crypto.unseal(vault, rtype, user, record_id, envelope)
+
+    snapshot = segment_log.latest_snapshot()
+    if snapshot is not None:
+        state = State.from_snapshot(snapshot.data, snapshot.index, snapshot.term, unseal)
+    else:
+        if segment_log.first_index > 1:
+            raise StorageError(
+                f"log starts at index {segment_log.first_index} but there is no snapshot "
+                "covering the entries before it"
+            )
+        state = State()
+    for record in segment_log.scan(state.applied_index + 1):
+        try:
+            state.apply(record.type, record.version, record.body, unseal)
+        except StorageError as exc:
+            raise StorageError(f"log index {record.index}: {exc}") from exc
+        state.mark_applied(record.index, record.term)
+    return state
+
+
+def _prepare_directory(directory: Path) -> None:
+    format_file = directory / "FORMAT"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        found = format_file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        found = None
+    except OSError as exc:
+        raise DataDirError(f"data directory {directory}: {exc.strerror}") from exc
+    if found is None:
+        if any(directory.iterdir()):
+            raise DataDirError(
+                f"data directory {directory} is not empty and has no FORMAT file; "
+                "it is not a villaged data directory"
+            )
+        tmp = directory / "FORMAT.tmp"
+        tmp.write_text(FORMAT + "\n", encoding="utf-8")
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(format_file)
+        _fsync_dir(directory)
+    elif found != FORMAT:
+        raise DataDirError(
+            f"data directory {directory} has format {found!r}; this villaged reads {FORMAT!r}"
+        )
+
+
+def _lock_directory(directory: Path) -> int:
+    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirError(
+            f"data directory {directory} is in use by another villaged process (pid {holder}); "
+            "stop it first"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def open_store(options: StoreOptions) -> AsyncIterator[Store]:
+    """Open the store with its writer running; close it on exit (for the CLI and tests)."""
+    store = await trio.to_thread.run_sync(Store.open, options)
+    try:
+        async with running_in_background(store.run, store.log.close):
+            yield store
+    finally:
+        store.close()
