@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -80,3 +81,24 @@ async def test_run_ready_lock_and_sigterm(tmp_path: Path) -> None:
     for line in out.splitlines():
         entry = json.loads(line)
         assert {"ts", "level", "event", "node", "msg"} <= entry.keys()
+
+
+async def test_port_in_use_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    port_base = free_port_base()
+    result = init_dev(tmp_path / "n", port_base=port_base, now=datetime.now(UTC))
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind(("127.0.0.1", port_base + 3))
+        blocker.listen()
+        with trio.fail_after(30):
+            proc = await trio.run_process(
+                [sys.executable, "-m", "villaged", "run", "-c", str(result.config)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1, err
+    assert "listeners.http.bind: cannot listen on 127.0.0.1:" in err
+    assert "Address already in use" in err

@@ -76,6 +76,12 @@ def test_account_lifecycle(node: Path, capsys: pytest.CaptureFixture[str]) -> No
     code, out, _ = run(["keys", "rotate", *c], capsys)
     assert code == 0
     assert out.startswith("new primary key 2 (2 keys in the keyset); re-wrapped 1 user data keys")
+    code, out, _ = run(["keys", "retire", *c], capsys)
+    assert (code, out) == (0, "retired keys: 1; primary key 2 remains\n")
+    code, out, _ = run(["keys", "retire", *c], capsys)
+    assert (code, out) == (0, "retired keys: none; primary key 2 remains\n")
+    code, out, _ = run(["user", "passwd", "carol@example.org", *c], capsys, "after retire\n")
+    assert code == 0  # carol's data key was re-wrapped under the remaining key
     code, out, _ = run(["storage", "verify", *c], capsys)
     assert code == 0, out
     assert "ok" in out

@@ -45,6 +45,10 @@ class NodeStatus:
         return 404, "text/plain", b"not found\n"
 
 
+class StartupError(Exception):
+    """The node cannot start; the message names the config key at fault."""
+
+
 async def run_node(
     config: Config,
     *,
@@ -54,35 +58,50 @@ async def run_node(
     status = NodeStatus()
     store = await trio.to_thread.run_sync(Store.open, StoreOptions.from_config(config.storage))
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            for host, port in config.listeners.http.bind:
-                listeners = await nursery.start(serve_http, host, port, status.route)
-                status.http_ports.extend(lst.socket.getsockname()[1] for lst in listeners)
-            status.ready = True
-            notify("READY=1")
-            log.info(
-                "node ready",
-                extra={
-                    "event": "node.ready",
-                    "version": __version__,
-                    "domain": config.server.domain,
-                    "accounts": len(store.state.accounts),
-                    "log_last_index": store.log.last_index,
-                },
-            )
-            task_status.started(status)
-            if handle_signals:
-                await _wait_for_shutdown_signal()
-                status.ready = False
-                notify("STOPPING=1")
-                log.info("shutting down", extra={"event": "node.stopping"})
-                nursery.cancel_scope.cancel()
-            else:
-                await trio.sleep_forever()
+        # Two nurseries: the store's outlives the serving one, so on shutdown every
+        # connection task (and so every commit it started) is finished before the log closes.
+        async with trio.open_nursery() as storage_nursery:
+            await storage_nursery.start(store.run)
+            try:
+                async with trio.open_nursery() as serving:
+                    await _start_listeners(config, status, serving)
+                    status.ready = True
+                    notify("READY=1")
+                    log.info(
+                        "node ready",
+                        extra={
+                            "event": "node.ready",
+                            "version": __version__,
+                            "domain": config.server.domain,
+                            "accounts": len(store.state.accounts),
+                            "log_last_index": store.log.last_index,
+                        },
+                    )
+                    task_status.started(status)
+                    if not handle_signals:
+                        await trio.sleep_forever()
+                    await _wait_for_shutdown_signal()
+                    status.ready = False
+                    notify("STOPPING=1")
+                    log.info("shutting down", extra={"event": "node.stopping"})
+                    serving.cancel_scope.cancel()
+            finally:
+                store.log.close()
     finally:
         store.close()
         log.info("node stopped", extra={"event": "node.stopped"})
+
+
+async def _start_listeners(config: Config, status: NodeStatus, nursery: trio.Nursery) -> None:
+    for endpoint in config.listeners.http.bind:
+        try:
+            listeners = await nursery.start(serve_http, endpoint.host, endpoint.port, status.route)
+        except OSError as exc:
+            raise StartupError(
+                f"{config.source}: listeners.http.bind: cannot listen on {endpoint}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        status.http_ports.extend(lst.socket.getsockname()[1] for lst in listeners)
 
 
 async def _wait_for_shutdown_signal() -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NoReturn
 import trio
 
 from villaged import __version__
+from villaged.app import StartupError
 from villaged.config import Config, ConfigError, check_config_files, load_config
 from villaged.storage.errors import StorageError
 
@@ -89,6 +90,15 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         f"new primary key {result.primary_id} ({result.key_count} keys in the keyset); "
         f"re-wrapped {result.rewrapped} user data keys"
     )
+    return 0
+
+
+def cmd_keys_retire(args: argparse.Namespace) -> int:
+    from villaged.ops.keys import retire_old_keys
+
+    result = trio.run(retire_old_keys, _config(args))
+    retired = ", ".join(map(str, result.retired)) or "none"
+    print(f"retired keys: {retired}; primary key {result.primary_id} remains")
     return 0
 
 
@@ -167,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     p = keys_sub.add_parser("rotate", help="add a new primary key and re-wrap user data keys")
     with_config(p).set_defaults(func=cmd_keys_rotate)
+    p = keys_sub.add_parser(
+        "retire", help="remove every key but the primary (after re-wrapping data keys under it)"
+    )
+    with_config(p).set_defaults(func=cmd_keys_retire)
 
     user = sub.add_parser("user", help="manage accounts (on a stopped node)")
     user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
@@ -192,16 +206,34 @@ def _fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
+_EXPECTED = (CommandError, ConfigError, StorageError, ValueError, OSError, StartupError)
+
+
+def _reason(exc: BaseException) -> str | None:
+    """The one-line reason for an expected failure, or None for a bug (which keeps its
+    traceback). Nurseries wrap errors in groups; a group of one expected error is that error."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, OSError) and not isinstance(exc, _EXPECTED[:-2]):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
+    if isinstance(exc, _EXPECTED):
+        text = str(exc)
+        return text.splitlines()[0] if text else type(exc).__name__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except (CommandError, ConfigError, StorageError, ValueError) as exc:
-        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    except OSError as exc:
-        _fail(f"{exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}")
-    except KeyboardInterrupt:
-        _fail("interrupted")
+    except BaseException as exc:
+        reason = _reason(exc)
+        if reason is None or isinstance(exc, SystemExit):
+            raise
+        _fail(reason)
     return code
 
 

@@ -9,15 +9,23 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 
 from villaged.storage import crypto
-from villaged.storage.errors import DataDirError, ShreddedError, StorageError
+from villaged.storage.errors import (
+    DataDirError,
+    KeyManagementError,
+    LogWriteError,
+    ShreddedError,
+    StorageError,
+)
 from villaged.storage.log import SegmentLog
 from villaged.storage.records import Record
-from villaged.storage.state import ACCOUNT_CREATE, ACCOUNT_DELETE
+from villaged.storage.state import ACCOUNT_CREATE, ACCOUNT_DELETE, ACCOUNT_PASSWORD, StateError
 from villaged.storage.store import (
     NoSuchUserError,
     Store,
+    StoreFailedError,
     StoreOptions,
     UserExistsError,
     open_store,
@@ -120,6 +128,17 @@ async def test_cancelled_writer_still_reaches_the_views(options: StoreOptions) -
         assert store.state.applied_index == store.log.last_index == 1
 
 
+def _unseal_all(log_dir: Path, vault: crypto.UserKeyVault, user: str) -> list[bytes]:
+    """Open every sealed record of ``user`` in the log at ``log_dir`` with ``vault``."""
+    old_log = SegmentLog.open(log_dir)
+    try:
+        sealed = [r for r in old_log.scan(1) if r.body.get("u") == user and "s" in r.body]
+        assert sealed
+        return [crypto.unseal(vault, r.type, user, r.body["id"], r.body["s"]) for r in sealed]
+    finally:
+        old_log.close()
+
+
 async def test_delete_shreds_old_records(options: StoreOptions, tmp_path: Path) -> None:
     async with open_store(options) as store:
         await store.add_user("alice@example.org", "alice password")
@@ -130,26 +149,53 @@ async def test_delete_shreds_old_records(options: StoreOptions, tmp_path: Path) 
         await store.delete_user("alice@example.org")
         assert store.users() == ["bob@example.org"]
         assert not store.vault.has_user("alice@example.org")
-    # The old log segments (copied before the delete) still hold alice's sealed record, but
-    # her data key is gone from the live vault: the ciphertext can no longer be opened.
+    # Old segments copied before the delete still hold alice's sealed records, but her data
+    # key is gone from the live vault: those ciphertexts can no longer be opened.
     keyset = crypto.Keyset.load(options.keyset)
-    vault = crypto.UserKeyVault.open(options.directory / "vault", keyset)
-    old_log = SegmentLog.open(copy / "log")
-    try:
-        sealed = [r for r in old_log.scan(1) if r.body.get("u") == "alice@example.org"]
-        assert sealed
-        for record in sealed:
-            with pytest.raises(ShreddedError):
-                crypto.unseal(
-                    vault, record.type, "alice@example.org", record.body["id"], record.body["s"]
-                )
-    finally:
-        old_log.close()
+    live_vault = crypto.UserKeyVault.open(options.directory / "vault", keyset)
+    with pytest.raises(ShreddedError):
+        _unseal_all(copy / "log", live_vault, "alice@example.org")
     # Re-creating the user gives a fresh key; the old incarnation stays unreadable.
     async with open_store(options) as store:
         await store.add_user("alice@example.org", "second life")
     async with open_store(options) as store:
         assert _password_ok(store, "alice@example.org", "second life")
+
+
+async def test_old_vault_copies_die_with_their_keyset_key(
+    options: StoreOptions, tmp_path: Path
+) -> None:
+    """A copy of the vault taken before a delete is a key backup: it still opens the deleted
+    user's records while the key that wrapped it exists. Rotating and retiring old keys
+    (`villaged keys rotate`, `villaged keys retire`) ends that."""
+    from villaged.config import load_config
+    from villaged.ops.keys import retire_old_keys, rotate_keys
+
+    config_file = tmp_path / "villaged.toml"
+    config_file.write_text(
+        f'[server]\ndomain = "example.org"\n[storage]\ndir = "{options.directory}"\n'
+        f'keyset = "{options.keyset}"\n[tls]\ncert = "c.pem"\nkey = "k.pem"\n'
+    )
+    config = load_config(config_file)
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "alice password")
+    copy = tmp_path / "copy-before-delete"
+    shutil.copytree(options.directory, copy)
+    async with open_store(options) as store:
+        await store.delete_user("alice@example.org")
+
+    keyset = crypto.Keyset.load(options.keyset)
+    copied_vault = crypto.UserKeyVault.open(copy / "vault", keyset)
+    assert _unseal_all(copy / "log", copied_vault, "alice@example.org")  # the honest limit
+
+    await rotate_keys(config)
+    result = await retire_old_keys(config)
+    assert result.retired == (1,)
+    keyset = crypto.Keyset.load(options.keyset)
+    assert keyset.key_ids == (2,)
+    copied_vault = crypto.UserKeyVault.open(copy / "vault", keyset)
+    with pytest.raises(KeyManagementError, match="1"):
+        _unseal_all(copy / "log", copied_vault, "alice@example.org")
 
 
 async def test_open_finishes_an_interrupted_delete(options: StoreOptions) -> None:
@@ -218,3 +264,84 @@ async def test_newer_schema_version_is_refused(options: StoreOptions) -> None:
         await store.log.append(Record(ACCOUNT_CREATE, {"u": "a@example.org"}, version=7))
     with pytest.raises(StorageError, match="schema version 7"):
         Store.open(options)
+
+
+async def test_malformed_record_is_refused_before_anything_is_written(
+    options: StoreOptions,
+) -> None:
+    async with open_store(options) as store:
+        with pytest.raises(StateError, match="'u' is missing"):
+            await store.commit(Record(ACCOUNT_CREATE, {"id": "r1", "s": {}}))
+        with pytest.raises(StateError, match="no sealed secrets"):
+            await store.commit(Record(ACCOUNT_CREATE, {"u": "a@example.org", "id": "r1"}))
+        with pytest.raises(StateError, match="unknown record type"):
+            await store.commit(Record("no.such.type", {"u": "a@example.org"}))
+        assert store.log.last_index == 0
+
+
+async def test_a_durable_record_that_cannot_apply_fails_the_store_loudly(
+    options: StoreOptions,
+) -> None:
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "alice password")
+        account = store.state.accounts.get("alice@example.org")
+        assert account is not None
+        junk = {"k": account.sealed["k"], "n": b"\0" * 12, "c": b"\0" * 40}
+        with pytest.raises(StoreFailedError, match="log index 2 is durable but cannot be applied"):
+            await store.commit(
+                Record(ACCOUNT_PASSWORD, {"u": "alice@example.org", "id": "r2", "s": junk})
+            )
+        with trio.fail_after(5), pytest.raises(StoreFailedError):
+            await store.add_user("bob@example.org", "bob password")
+    # The bad record is durable; opening again names it instead of starting half-applied.
+    with pytest.raises(StorageError, match="log index 2"):
+        Store.open(options)
+
+
+async def test_a_failing_snapshot_does_not_fail_commits(
+    options: StoreOptions, caplog: pytest.LogCaptureFixture
+) -> None:
+    small = StoreOptions(directory=options.directory, keyset=options.keyset, snapshot_every=2)
+    async with open_store(small) as store:
+
+        async def broken(index: int, term: int, data: bytes) -> None:
+            raise LogWriteError("disk full (simulated)")
+
+        store.log.save_snapshot = broken  # type: ignore[method-assign]
+        for i in range(6):
+            await store.add_user(f"u{i}@example.org", f"password {i}")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(store.users()) == 6
+    assert any(getattr(r, "event", "") == "storage.snapshot_failed" for r in caplog.records)
+
+
+async def test_short_lived_processes_still_snapshot(options: StoreOptions) -> None:
+    small = StoreOptions(directory=options.directory, keyset=options.keyset, snapshot_every=5)
+    for session in range(4):
+        async with open_store(small) as store:
+            for i in range(3):
+                await store.add_user(f"s{session}u{i}@example.org", "password")
+    async with open_store(small) as store:
+        snapshot = store.log.latest_snapshot()
+        assert snapshot is not None
+        assert snapshot.index >= 5
+        assert len(store.users()) == 12
+
+
+async def test_missing_data_key_is_reported(
+    options: StoreOptions, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "alice password")
+    for path in (options.directory / "vault").iterdir():
+        path.unlink()
+    store = Store.open(options)
+    try:
+        assert store.users() == ["alice@example.org"]
+        assert store.credentials("alice@example.org") is None  # cannot log in
+    finally:
+        store.close()
+    events = [r for r in caplog.records if getattr(r, "event", "") == "storage.account_key_missing"]
+    assert events
+    assert events[0].user == "alice@example.org"
+    assert events[0].security is True

@@ -35,3 +35,30 @@ async def rotate_keys(config: Config) -> RotationResult:
         store.vault.replace_keyset(keyset)
         rewrapped = await trio.to_thread.run_sync(store.vault.rewrap_all)
     return RotationResult(keyset.primary_id, len(keyset.key_ids), rewrapped)
+
+
+@dataclass(frozen=True, slots=True)
+class RetireResult:
+    primary_id: int
+    retired: tuple[int, ...]
+    rewrapped: int
+
+
+async def retire_old_keys(config: Config) -> RetireResult:
+    """Drop every key-encryption key but the primary, after re-wrapping all data keys under it.
+
+    This is what makes crypto-shredding reach copies of the vault: a data key destroyed
+    today may survive in an old copy of ``vault/``, wrapped by an older key; once that key
+    is retired here (and no copy of the old keyset is kept), the copy is useless.
+    """
+    options = StoreOptions.from_config(config.storage)
+    async with open_store(options) as store:
+        rewrapped = await trio.to_thread.run_sync(store.vault.rewrap_all)
+        keyset = store.vault.keyset
+        retired = tuple(k for k in keyset.key_ids if k != keyset.primary_id)
+        for key_id in retired:
+            keyset = keyset.without(key_id)
+        if retired:
+            await trio.to_thread.run_sync(keyset.save, options.keyset)
+            store.vault.replace_keyset(keyset)
+    return RetireResult(keyset.primary_id, retired, rewrapped)

@@ -159,7 +159,21 @@ class State:
         self.applied_index = 0
         self.applied_term = 0
 
+    def validate(self, rtype: str, version: int, body: Mapping[str, Any]) -> None:
+        """Check a record's shape before it is appended, so a durable record always applies."""
+        self._check_version(rtype, version)
+        _text(body, "u")
+        if rtype != ACCOUNT_DELETE:
+            _text(body, "id")
+            if not isinstance(body.get("s"), dict):
+                raise StateError(f"{rtype} has no sealed secrets")
+
     def apply(self, rtype: str, version: int, body: Mapping[str, Any], unseal: Unseal) -> None:
+        self._check_version(rtype, version)
+        self.accounts.apply(rtype, body, unseal)
+
+    @staticmethod
+    def _check_version(rtype: str, version: int) -> None:
         newest = _KNOWN_VERSIONS.get(rtype)
         if newest is None:
             raise StateError(f"unknown record type {rtype!r}")
@@ -168,7 +182,6 @@ class State:
                 f"record type {rtype!r} has schema version {version}; this villaged reads "
                 f"up to {newest} (was the data written by a newer villaged?)"
             )
-        self.accounts.apply(rtype, body, unseal)
 
     def mark_applied(self, index: int, term: int) -> None:
         self.applied_index, self.applied_term = index, term

@@ -79,7 +79,14 @@ class StoreOptions:
         )
 
 
+class StoreFailedError(StorageError):
+    """A durable record could not be applied to the views; the store stops taking writes."""
+
+
 class Store:
+    """The open data directory. ``log`` is for reading; every write goes through ``commit``,
+    which is what keeps the views equal to the log."""
+
     def __init__(
         self,
         options: StoreOptions,
@@ -95,8 +102,10 @@ class Store:
         self._lock_fd = lock_fd
         # Records appended but not yet applied, by index: applied strictly in index order.
         self._unapplied: dict[int, Record] = {}
-        self._snapshot_index = state.applied_index
-        self._snapshotting = False
+        snapshot = segment_log.latest_snapshot()
+        self._snapshot_index = snapshot.index if snapshot is not None else 0
+        self._snapshot_wanted = trio.Event()
+        self._failure: StoreFailedError | None = None
         self._account_lock = trio.Lock()
         self._applied_progress = trio.Event()
 
@@ -126,6 +135,7 @@ class Store:
             raise
         store = cls(options, lock_fd, segment_log, vault, state)
         store._finish_pending_shredding()
+        store._report_unreadable_accounts()
         return store
 
     def close(self) -> None:
@@ -135,8 +145,17 @@ class Store:
             self._lock_fd = -1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The store's background work (the log's group-commit writer)."""
-        await self.log.run(task_status=task_status)
+        """The store's background work: the log's group-commit writer and snapshots.
+        Returns once ``log.close()`` has been called and the writer has finished."""
+        async with trio.open_nursery() as nursery:
+
+            async def write_log(*, task_status: trio.TaskStatus[None]) -> None:
+                await self.log.run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # the log was closed: snapshots end with it
+
+            await nursery.start(write_log)
+            nursery.start_soon(self._take_snapshots)
+            task_status.started()
 
     def _unseal(self, rtype: str, user: str, record_id: str, envelope: Mapping[str, Any]) -> bytes:
         return crypto.unseal(self.vault, rtype, user, record_id, envelope)
@@ -149,43 +168,92 @@ class Store:
                 self.vault.destroy(user)
                 log.info("data key destroyed", extra={"event": "storage.key_shredded"})
 
+    def _report_unreadable_accounts(self) -> None:
+        # A live account whose secrets do not open means its data key is missing from the
+        # vault (a bad restore, a deleted file): say so loudly; the account cannot log in.
+        for jid in self.state.accounts.jids():
+            account = self.state.accounts.get(jid)
+            if account is not None and account.secrets is None:
+                log.error(
+                    "account secrets unreadable: the user's data key is missing from the vault",
+                    extra={
+                        "event": "storage.account_key_missing",
+                        "security": True,
+                        "user": jid,
+                        "vault": str(self.vault.directory),
+                    },
+                )
+
     # ----- writing -------------------------------------------------------------------------
 
     async def commit(self, record: Record) -> int:
-        """Append durably, then apply to the views in index order; returns the index."""
+        """Append durably, then apply to the views in index order; returns the index.
+
+        Raises before anything is written if the record is malformed, and StoreFailedError
+        once a durable record could not be applied (the store then refuses all writes).
+        """
+        self._check_usable()
+        self.state.validate(record.type, record.version, record.body)
         # Shielded: once handed to the log the record will become durable (or fail for the
         # whole batch), and a durable record must reach the views even if our caller gave up.
         with trio.CancelScope(shield=True):
             index = await self.log.append(record)
             self._unapplied[index] = record
             self._apply_ready()
-            # Appenders of one batch wake in any order; wait for lower indexes to be applied.
-            while self.state.applied_index < index:
-                await self._applied_progress.wait()
-        await self._maybe_snapshot()
+        # Appenders of one batch wake in any order: wait until lower indexes are applied too.
+        # Not shielded: if we are cancelled here, the next commit applies our record.
+        while self.state.applied_index < index:
+            self._check_usable()
+            await self._applied_progress.wait()
+        if self.state.applied_index - self._snapshot_index >= self.options.snapshot_every:
+            self._snapshot_wanted.set()
         return index
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def _apply_ready(self) -> None:
         advanced = False
-        while (record := self._unapplied.pop(self.state.applied_index + 1, None)) is not None:
-            index = self.state.applied_index + 1
-            self.state.apply(record.type, record.version, record.body, self._unseal)
-            self.state.mark_applied(index, record.term)
-            advanced = True
-        if advanced:
-            self._applied_progress.set()
-            self._applied_progress = trio.Event()
+        try:
+            while (record := self._unapplied.pop(self.state.applied_index + 1, None)) is not None:
+                index = self.state.applied_index + 1
+                try:
+                    self.state.apply(record.type, record.version, record.body, self._unseal)
+                except StorageError as exc:
+                    self._failure = StoreFailedError(
+                        f"log index {index} is durable but cannot be applied: {exc}"
+                    )
+                    log.critical(
+                        "store failed",
+                        extra={"event": "storage.apply_failed", "index": index, "error": str(exc)},
+                    )
+                    raise self._failure from exc
+                self.state.mark_applied(index, record.term)
+                advanced = True
+        finally:
+            if advanced or self._failure is not None:
+                self._applied_progress.set()
+                self._applied_progress = trio.Event()
 
-    async def _maybe_snapshot(self) -> None:
-        if self._snapshotting:
-            return
-        if self.state.applied_index - self._snapshot_index < self.options.snapshot_every:
-            return
-        self._snapshotting = True
+    def snapshot_due(self) -> bool:
+        return self.state.applied_index - self._snapshot_index >= self.options.snapshot_every
+
+    async def _take_snapshots(self) -> None:
+        while True:
+            await self._snapshot_wanted.wait()
+            self._snapshot_wanted = trio.Event()
+            await self.snapshot_logging_failure()
+
+    async def snapshot_logging_failure(self) -> None:
+        """Snapshot now; a failure is logged (the log still has everything) and retried later."""
         try:
             await self.snapshot()
-        finally:
-            self._snapshotting = False
+        except (StorageError, OSError) as exc:
+            log.warning(
+                "snapshot failed; will retry",
+                extra={"event": "storage.snapshot_failed", "error": str(exc)},
+            )
 
     async def snapshot(self) -> None:
         """Write the views as a snapshot now; the log compacts segments it covers."""
@@ -335,5 +403,7 @@ async def open_store(options: StoreOptions) -> AsyncIterator[Store]:
     try:
         async with running_in_background(store.run, store.log.close):
             yield store
+            if store.snapshot_due():  # short-lived processes (the CLI) compact too
+                await store.snapshot_logging_failure()
     finally:
         store.close()
