@@ -343,5 +343,5 @@ async def test_missing_data_key_is_reported(
         store.close()
     events = [r for r in caplog.records if getattr(r, "event", "") == "storage.account_key_missing"]
     assert events
-    assert events[0].user == "alice@example.org"
-    assert events[0].security is True
+    assert getattr(events[0], "user", None) == "alice@example.org"
+    assert getattr(events[0], "security", None) is True
