@@ -28,6 +28,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	bash .ci/system-deps
+	bash tests/net/sslyze_env.sh
 	$(BIN)/python -m pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 lint: $(STAMP)

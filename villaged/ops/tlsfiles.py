@@ -125,6 +125,10 @@ def make_self_signed(domain: str, now: dt.datetime) -> tuple[bytes, bytes]:
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        # Self-signed, so the authority is this key too; strict path checkers want the AKI.
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
