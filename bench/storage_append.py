@@ -5,16 +5,22 @@ fresh log in a temporary directory; every append waits for its batch's fdatasync
 measured append is durable. Progress goes to stderr; the last line on stdout is a JSON list
 with one object per level::
 
-    {"appenders": 256, "appends_per_s": ..., "p50_ms": ..., "p99_ms": ..., "fsyncs_per_append": ...}
+    {"appenders": 256, "appends_per_s": ..., "p50_ms": ..., "p99_ms": ..., "fsyncs_per_append": ...,
+     "filesystem": "ext4"}
 
 ``fsyncs_per_append`` counts every fdatasync and fsync the log makes (through its file-ops
-hook) during the measured window.
+hook) during the measured window. The temporary directories go under ``var/bench/`` in the
+repository (gitignored) unless ``--dir`` says otherwise: not the system's temporary directory,
+which may be a tmpfs where fdatasync costs nothing. ``filesystem`` is the type of the file
+system they were on (from ``/proc/mounts``), so a result from tmpfs is recognisable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import tempfile
 import time
@@ -30,6 +36,8 @@ if TYPE_CHECKING:
     from villaged.storage.log import SegmentLog
 
 DEFAULT_LEVELS = (1, 16, 256)
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "var" / "bench"
+_MOUNTS_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 class CountingFileOps(OsFileOps):
@@ -47,6 +55,27 @@ class CountingFileOps(OsFileOps):
         super().fsync(fd)
 
 
+def filesystem_type(path: Path) -> str:
+    """Type of the file system holding ``path``: the longest mount point above it in
+    ``/proc/mounts`` (the last one mounted there wins), or "unknown"."""
+    try:
+        mounts = Path("/proc/mounts").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return "unknown"
+    target = os.path.realpath(path)
+    best, best_type = "", "unknown"
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # Spaces and the like in mount points are written as octal escapes.
+        point = _MOUNTS_ESCAPE.sub(lambda match: chr(int(match[1], 8)), fields[1])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, fields[2]
+    return best_type
+
+
 def _percentile(sorted_values: list[float], fraction: float) -> float:
     if not sorted_values:
         return 0.0
@@ -56,7 +85,7 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
 
 async def _measure(
     directory: Path, appenders: int, seconds: float, warmup: float, body_bytes: int
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     ops = CountingFileOps()
     record = Record(type="bench.message", body={"body": b"x" * body_bytes})
     latencies: list[float] = []
@@ -91,10 +120,11 @@ async def _measure(
         "p50_ms": round(_percentile(latencies, 0.50) * 1000, 3),
         "p99_ms": round(_percentile(latencies, 0.99) * 1000, 3),
         "fsyncs_per_append": round(syncs / count, 4) if count else 0.0,
+        "filesystem": filesystem_type(directory),
     }
 
 
-async def _main(args: argparse.Namespace) -> list[dict[str, float]]:
+async def _main(args: argparse.Namespace) -> list[dict[str, float | str]]:
     results = []
     for appenders in args.levels:
         with tempfile.TemporaryDirectory(prefix="villaged-bench-", dir=args.dir) as tmp:
@@ -118,8 +148,15 @@ def main() -> None:
         help="comma-separated appender counts (default 1,16,256)",
     )
     parser.add_argument("--body-bytes", type=int, default=300)
-    parser.add_argument("--dir", default=None, help="where to make the temporary log")
+    parser.add_argument(
+        "--dir",
+        default=str(DEFAULT_DIR),
+        help=f"where to make the temporary logs (default {DEFAULT_DIR})",
+    )
     args = parser.parse_args()
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    filesystem = filesystem_type(Path(args.dir))
+    print(f"storage_append: logs under {args.dir}, file system {filesystem}", file=sys.stderr)
     results = trio.run(_main, args)
     print(json.dumps(results))
 

@@ -1,9 +1,10 @@
 """Subprocess for test_log_crash.py: append to a log until killed, reporting every ack.
 
 Usage: ``crash_writer.py DIRECTORY ROUND``. Opens the log (running recovery), writes
-``start LAST_INDEX FIRST_INDEX`` and then, from 32 concurrent appenders, one line
-``INDEX ROUND WORKER SEQ`` per acknowledged append, each line written with a single
-``os.write`` right after the append returned (so every reported index was durable first).
+``start LAST_INDEX FIRST_INDEX`` and then, from 32 concurrent appenders (a few of them using
+``append_many``), one line ``INDEX ROUND WORKER SEQ`` per acknowledged record, the lines of
+one call written with a single ``os.write`` right after it returned (so every reported index
+was durable first).
 A side task saves a snapshot now and then so that compaction is also interrupted by kills.
 Record bodies are a pure function of (round, worker, seq): the test recomputes them.
 """
@@ -22,6 +23,8 @@ from villaged.storage.log import SegmentLog, open_segment_log
 from villaged.storage.records import Record
 
 APPENDERS = 32
+MANY_APPENDERS = 4  # of the APPENDERS, those that use append_many
+MANY_MAX = 40  # records per append_many call, at most (about 12 KiB: a tenth of a segment)
 SEGMENT_BYTES = 128 * 1024
 SNAPSHOT_EVERY = 3000  # entries
 RECORD_TYPE = "test.crash"
@@ -45,6 +48,24 @@ async def appender(log: SegmentLog, round_number: int, worker: int) -> None:
         seq += 1
 
 
+async def many_appender(log: SegmentLog, round_number: int, worker: int) -> None:
+    """Appends 1..MANY_MAX records per ``append_many`` call (one batch each, so some calls
+    roll a segment first)."""
+    seq = 0
+    while True:
+        count = seq % MANY_MAX + 1
+        records = [
+            Record(type=RECORD_TYPE, body=make_body(round_number, worker, seq + k))
+            for k in range(count)
+        ]
+        indexes = await log.append_many(records)
+        lines = "".join(
+            f"{index} {round_number} {worker} {seq + k}\n" for k, index in enumerate(indexes)
+        )
+        os.write(1, lines.encode())
+        seq += count
+
+
 async def snapshotter(log: SegmentLog) -> None:
     while True:
         await trio.sleep(0.02)
@@ -59,7 +80,8 @@ async def main(directory: Path, round_number: int) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(snapshotter, log)
             for worker in range(APPENDERS):
-                nursery.start_soon(appender, log, round_number, worker)
+                task = many_appender if worker < MANY_APPENDERS else appender
+                nursery.start_soon(task, log, round_number, worker)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgpack
 import pytest
 import trio
 import trio.testing
@@ -33,8 +34,16 @@ from villaged.storage.log import (
     open_segment_log,
     verify_log,
 )
-from villaged.storage.records import Record
-from villaged.storage.segment import HEADER_SIZE, encode_snapshot, snapshot_file_name
+from villaged.storage.records import Record, RecordEncodeError
+from villaged.storage.segment import (
+    HEADER_SIZE,
+    MAX_RECORD_PAYLOAD,
+    decode_batch_frame,
+    decode_snapshot,
+    encode_frame,
+    encode_snapshot,
+    snapshot_file_name,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
@@ -54,6 +63,23 @@ def assert_entry(record: Record, n: int, *, index: int, term: int = 0) -> None:
         term=term,
         index=index,
     )
+
+
+def batches_on_disk(path: Path) -> list[tuple[int, int]]:
+    """``(index, batch start)`` of every record in the segment file ``path``."""
+    data = path.read_bytes()
+    found = []
+    offset = 0
+    while offset < len(data):
+        record, batch, offset = decode_batch_frame(data, offset, max_payload=len(data))
+        found.append((record.index, batch))
+    return found
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as file:
+        file.seek(offset)
+        file.write(data)
 
 
 def segment_files(directory: Path) -> list[Path]:
@@ -160,6 +186,13 @@ def acked(outcomes: dict[int, int | Exception]) -> list[int]:
     return sorted(indexes)
 
 
+async def append_each(log: SegmentLog, records: Sequence[Record]) -> list[int]:
+    """Append one record at a time, each in a batch of its own (so segments can roll between
+    any two of them, which they never do inside one ``append_many``)."""
+    with trio.fail_after(WAIT):
+        return [await log.append(record) for record in records]
+
+
 def reopen(directory: Path, *, segment_bytes: int = 64 * 2**20) -> SegmentLog:
     """Open (and so recover) without starting the writer: for looking at what is on disk."""
     return SegmentLog.open(directory, segment_bytes=segment_bytes)
@@ -254,10 +287,54 @@ async def test_too_large_record_is_refused_and_nothing_written(tmp_path: Path) -
     assert segment_files(tmp_path)[0].stat().st_size == log_frame_size(entry(1), 1)
 
 
+async def test_lowering_max_record_bytes_keeps_written_records(tmp_path: Path) -> None:
+    big = Record(type="test.big", body={"pad": b"b" * 20_000})
+    async with open_segment_log(tmp_path, max_record_bytes=2**20) as log:
+        await append_each(log, [entry(0), big, *(entry(n) for n in range(2, 12))])
+    # The operator lowers storage.max_record_bytes below a record already written.
+    log = SegmentLog.open(tmp_path, max_record_bytes=8192)
+    try:
+        assert log.last_index == 12
+        assert log.read(2) == Record(type="test.big", body={"pad": b"b" * 20_000}, index=2)
+        assert [r.index for r in log.scan(1)] == list(range(1, 13))
+    finally:
+        log.close()
+    assert verify_log(tmp_path).ok
+    async with open_segment_log(tmp_path, max_record_bytes=8192) as log:
+        with trio.fail_after(WAIT), pytest.raises(RecordTooLargeError):
+            await log.append(big)  # the lower limit applies to new appends
+        assert log.read(2).body == big.body
+
+
+async def test_record_that_could_not_be_read_back_is_refused(tmp_path: Path) -> None:
+    unreadable = Record(type="test.entry", body={"groups": {7: "friends"}})
+    async with open_segment_log(tmp_path) as log:
+        with trio.fail_after(WAIT):
+            assert await log.append(entry(0)) == 1
+            with pytest.raises(RecordEncodeError, match=r"body\['groups'\] has the map key 7"):
+                await log.append(unreadable)
+            with pytest.raises(RecordEncodeError):
+                await log.append_many([entry(1), unreadable, entry(2)])
+            with pytest.raises(ValueError, match="set"):  # RecordEncodeError is a ValueError
+                await log.append(Record(type="test.entry", body={"s": {1, 2}}))
+            # Nothing was written and no index was used up.
+            assert log.last_index == 1
+            assert await log.append(entry(3)) == 2
+    [path] = segment_files(tmp_path)
+    assert path.stat().st_size == 2 * log_frame_size(entry(0), 1)
+    log = reopen(tmp_path)
+    try:
+        assert [r.body["n"] for r in log.scan(1)] == [0, 3]
+    finally:
+        log.close()
+
+
 def log_frame_size(record: Record, index: int) -> int:
     from villaged.storage.records import encode_record
 
-    payload = encode_record(Record(record.type, record.body, record.version, record.term, index))
+    payload = encode_record(
+        Record(record.type, record.body, record.version, record.term, index), batch=index
+    )
     return HEADER_SIZE + len(payload)
 
 
@@ -339,7 +416,8 @@ def test_open_rejects_nonsense_limits(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must be > 0"):
         SegmentLog.open(tmp_path, max_pending_bytes=0)
     with pytest.raises(ValueError, match="cannot exceed"):
-        SegmentLog.open(tmp_path, max_record_bytes=2**32)
+        SegmentLog.open(tmp_path, max_record_bytes=MAX_RECORD_PAYLOAD + 1)
+    SegmentLog.open(tmp_path, max_record_bytes=MAX_RECORD_PAYLOAD).close()  # the config maximum
 
 
 async def test_bit_rot_after_open_is_caught_by_reads(tmp_path: Path) -> None:
@@ -403,10 +481,8 @@ async def test_roll_over_across_many_small_segments(tmp_path: Path) -> None:
     segment_bytes = 3 * frame + 1  # a segment is rolled once it holds 4 frames
     async with open_segment_log(tmp_path, segment_bytes=segment_bytes) as log:
         # Up to index 127 every frame has the same size (msgpack fixints).
-        with trio.fail_after(WAIT):
-            for chunk in range(10):
-                await log.append_many([entry(n) for n in range(chunk * 10, chunk * 10 + 10)])
-            indexes = await append_concurrently(log, range(100, 120))
+        await append_each(log, [entry(n) for n in range(100)])
+        indexes = await append_concurrently(log, range(100, 120))
         assert sorted(indexes.values()) == list(range(101, 121))
         files = segment_files(tmp_path)
         assert len(files) == 30
@@ -422,6 +498,71 @@ async def test_roll_over_across_many_small_segments(tmp_path: Path) -> None:
     try:
         assert log.last_index == 120
         assert [r.index for r in log.scan(1)] == list(range(1, 121))
+    finally:
+        log.close()
+
+
+async def test_append_many_rolls_before_its_batch_never_inside_it(tmp_path: Path) -> None:
+    ops = ScriptedOps()
+    frame = log_frame_size(entry(0), 1)
+    async with open_segment_log(tmp_path, segment_bytes=4 * frame, file_ops=ops) as log:
+        await append_each(log, [entry(0), entry(1)])
+        with trio.fail_after(WAIT):
+            # Five frames do not fit beside two in a four-frame segment: roll first.
+            assert await log.append_many([entry(n) for n in range(2, 7)]) == [3, 4, 5, 6, 7]
+            # A batch larger than a segment stays whole, and the segment grows to hold it.
+            assert await log.append_many([entry(n) for n in range(7, 13)]) == list(range(8, 14))
+            assert await log.append(entry(13)) == 14
+        assert log.batches_written == ops.fdatasyncs == 5
+    files = segment_files(tmp_path)
+    assert [int(path.stem) for path in files] == [1, 3, 8, 14]
+    assert batches_on_disk(files[1]) == [(index, 3) for index in range(3, 8)]
+    assert batches_on_disk(files[2]) == [(index, 8) for index in range(8, 14)]
+    assert files[2].stat().st_size == 6 * frame > 4 * frame
+    assert verify_log(tmp_path).ok
+
+
+async def test_append_many_joins_the_open_batch_when_it_fits(tmp_path: Path) -> None:
+    ops = ScriptedOps()
+    ops.hold = threading.Event()
+    with trio.fail_after(WAIT):
+        async with open_segment_log(tmp_path, file_ops=ops) as log:
+            async with trio.open_nursery() as nursery:
+                first = await gather_outcomes(log, [0], nursery)
+                await ops.wait_held()
+                single = await gather_outcomes(log, [1], nursery)
+                await trio.testing.wait_all_tasks_blocked()
+                many: list[list[int]] = []
+
+                async def append_many() -> None:
+                    many.append(await log.append_many([entry(n) for n in range(2, 5)]))
+
+                nursery.start_soon(append_many)
+                await trio.testing.wait_all_tasks_blocked()
+                ops.hold.set()
+            assert (first, single, many) == ({0: 1}, {1: 2}, [[3, 4, 5]])
+            assert ops.fdatasyncs == 2
+    [path] = segment_files(tmp_path)
+    assert batches_on_disk(path) == [(1, 1), (2, 2), (3, 2), (4, 2), (5, 2)]
+
+
+async def test_failed_roll_fails_the_whole_append_many(tmp_path: Path) -> None:
+    ops = ScriptedOps()
+    frame = log_frame_size(entry(0), 1)
+    async with open_segment_log(tmp_path, segment_bytes=4 * frame, file_ops=ops) as log:
+        await append_each(log, [entry(0), entry(1)])
+        ops.dir_fsync_script = [True]  # creating the next segment fails (and is undone)
+        with trio.fail_after(WAIT):
+            with pytest.raises(LogWriteError, match="new segment"):
+                await log.append_many([entry(n) for n in range(2, 5)])
+            # None of the three is in the log, not even those that fitted the old segment.
+            assert log.last_index == 2
+            assert [path.name for path in segment_files(tmp_path)] == ["00000000000000000001.seg"]
+            assert segment_files(tmp_path)[0].stat().st_size == 2 * frame
+            assert await log.append_many([entry(n) for n in range(2, 5)]) == [3, 4, 5]
+    log = reopen(tmp_path)
+    try:
+        assert [r.body["n"] for r in log.scan(1)] == [0, 1, 2, 3, 4]
     finally:
         log.close()
 
@@ -476,8 +617,8 @@ async def test_truncate_after_across_segments(tmp_path: Path, keep: int) -> None
     frame = log_frame_size(entry(0), 1)
     segment_bytes = 4 * frame  # 4 frames per segment: bases 1, 5, 9, 13, ...
     async with open_segment_log(tmp_path, segment_bytes=segment_bytes) as log:
+        await append_each(log, [entry(n) for n in range(20)])
         with trio.fail_after(WAIT):
-            await log.append_many([entry(n) for n in range(20)])
             assert len(segment_files(tmp_path)) == 5
             await log.truncate_after(keep)
             assert log.last_index == keep
@@ -522,9 +663,9 @@ async def test_snapshot_compacts_and_survives_reopen(tmp_path: Path) -> None:
     frame = log_frame_size(entry(0), 1)
     segment_bytes = 10 * frame  # bases 1, 11, 21, ...
     async with open_segment_log(tmp_path, segment_bytes=segment_bytes) as log:
+        await append_each(log, [entry(n, term=1) for n in range(50)])
+        await append_each(log, [entry(n, term=2) for n in range(50, 100)])
         with trio.fail_after(WAIT):
-            await log.append_many([entry(n, term=1) for n in range(50)])
-            await log.append_many([entry(n, term=2) for n in range(50, 100)])
             await log.save_snapshot(65, 2, b"state@65")
         assert (log.first_index, log.last_index) == (66, 100)
         assert log.latest_snapshot() == Snapshot(65, 2, b"state@65")
@@ -553,8 +694,9 @@ async def test_snapshot_compacts_and_survives_reopen(tmp_path: Path) -> None:
 
 async def test_only_the_two_newest_snapshots_are_kept(tmp_path: Path) -> None:
     async with open_segment_log(tmp_path, segment_bytes=200) as log:
+        await append_each(log, [entry(n) for n in range(40)])
+        assert len(segment_files(tmp_path)) > 10
         with trio.fail_after(WAIT):
-            await log.append_many([entry(n) for n in range(40)])
             for index in (10, 20, 30, 30, 40):
                 await log.save_snapshot(index, 0, b"at %d" % index)
         assert [path.name for path in snapshot_files(tmp_path)] == [
@@ -639,7 +781,7 @@ async def test_recovery_finishes_an_interrupted_snapshot_install(tmp_path: Path)
         with trio.fail_after(WAIT):
             await log.append_many([entry(n, term=1) for n in range(10)])
     # The snapshot file became durable; the crash came before the old segments were dropped.
-    (tmp_path / snapshot_file_name(30)).write_bytes(encode_snapshot(30, 3, b"x"))
+    (tmp_path / snapshot_file_name(30)).write_bytes(encode_snapshot(30, 3, b"x", replaces_log=True))
     (tmp_path / (snapshot_file_name(31) + ".tmp")).write_bytes(b"half a snapshot")
     log = reopen(tmp_path)
     try:
@@ -650,10 +792,79 @@ async def test_recovery_finishes_an_interrupted_snapshot_install(tmp_path: Path)
         log.close()
 
 
+async def test_installed_snapshot_says_whether_it_replaces_the_log(tmp_path: Path) -> None:
+    async with open_segment_log(tmp_path) as log:
+        with trio.fail_after(WAIT):
+            await log.append_many([entry(n, term=1) for n in range(10)])
+            await log.install_snapshot(6, 1, b"matching")  # keeps the suffix
+            await log.install_snapshot(8, 2, b"conflicting")  # replaces the log
+    assert not decode_snapshot((tmp_path / snapshot_file_name(6)).read_bytes()).replaces_log
+    assert decode_snapshot((tmp_path / snapshot_file_name(8)).read_bytes()).replaces_log
+
+
+async def test_interrupted_install_removes_the_oldest_replaced_segment_last(
+    tmp_path: Path,
+) -> None:
+    ops = ScriptedOps()
+    frame = log_frame_size(entry(0), 1)
+    async with open_segment_log(tmp_path, segment_bytes=2 * frame, file_ops=ops) as log:
+        await append_each(log, [entry(n, term=1) for n in range(6)])
+        assert len(segment_files(tmp_path)) == 3
+        # The snapshot file becomes durable; syncing the removal of the newer segments fails.
+        ops.dir_fsync_script = [False, True]
+        with trio.fail_after(WAIT), pytest.raises(LogWriteError, match="installing snapshot"):
+            await log.install_snapshot(4, 2, b"state")
+    # Whatever else went, the oldest replaced segment is still there, starting at or below
+    # the snapshot: that is how recovery knows the installation was interrupted.
+    assert segment_files(tmp_path) == [tmp_path / "00000000000000000001.seg"]
+    log = reopen(tmp_path)
+    try:
+        assert (log.first_index, log.last_index, log.term_at(4)) == (5, 4, 2)
+        assert [path.name for path in segment_files(tmp_path)] == ["00000000000000000005.seg"]
+    finally:
+        log.close()
+    assert verify_log(tmp_path).ok
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "reason"),
+    [
+        ((30, 0), "log ends at index 5 but the latest snapshot is at index 30"),
+        ((3, 9), "entry 3 has term 0 but the latest snapshot says term 9"),
+    ],
+)
+async def test_saved_snapshot_that_does_not_fit_the_log_is_corruption(
+    tmp_path: Path, snapshot: tuple[int, int], reason: str
+) -> None:
+    await write_entries(tmp_path, 5)
+    index, term = snapshot
+    (tmp_path / snapshot_file_name(index)).write_bytes(encode_snapshot(index, term, b"x"))
+    before = {path: path.read_bytes() for path in directory_listing(tmp_path)}
+    # Not an installation (the file does not say it replaces the log): nothing is deleted.
+    with pytest.raises(CorruptionError, match=reason):
+        reopen(tmp_path)
+    assert {path: path.read_bytes() for path in directory_listing(tmp_path)} == before
+    assert not verify_log(tmp_path).ok
+
+
+async def test_saved_snapshot_without_any_segment_is_corruption(tmp_path: Path) -> None:
+    async with open_segment_log(tmp_path) as log:
+        with trio.fail_after(WAIT):
+            await log.append_many([entry(n) for n in range(5)])
+            await log.save_snapshot(5, 0, b"five")
+    [path] = segment_files(tmp_path)
+    path.unlink()
+    with pytest.raises(CorruptionError, match="entries after index 5 are missing"):
+        reopen(tmp_path)
+    assert segment_files(tmp_path) == []
+    assert [problem.split(": offset")[0] for problem in verify_log(tmp_path).problems] == [
+        str(tmp_path / snapshot_file_name(5))
+    ]
+
+
 async def test_recovery_finishes_an_interrupted_compaction(tmp_path: Path) -> None:
     async with open_segment_log(tmp_path, segment_bytes=300) as log:
-        with trio.fail_after(WAIT):
-            await log.append_many([entry(n) for n in range(30)])
+        await append_each(log, [entry(n) for n in range(30)])
         before = {path: path.read_bytes() for path in segment_files(tmp_path)}
         with trio.fail_after(WAIT):
             await log.save_snapshot(25, 0, b"s")
@@ -673,8 +884,7 @@ async def test_recovery_finishes_an_interrupted_compaction(tmp_path: Path) -> No
 
 async def test_log_starting_after_one_without_a_snapshot_is_corrupt(tmp_path: Path) -> None:
     async with open_segment_log(tmp_path, segment_bytes=300) as log:
-        with trio.fail_after(WAIT):
-            await log.append_many([entry(n) for n in range(30)])
+        await append_each(log, [entry(n) for n in range(30)])
     first = segment_files(tmp_path)[0]
     first.unlink()
     with pytest.raises(CorruptionError, match="no snapshot covers") as info:
@@ -687,9 +897,9 @@ async def test_log_starting_after_one_without_a_snapshot_is_corrupt(tmp_path: Pa
 
 
 async def write_entries(directory: Path, count: int, **kwargs: int) -> None:
+    """``entry(0)`` .. ``entry(count - 1)`` at indexes 1..count, each in its own batch."""
     async with open_segment_log(directory, **kwargs) as log:
-        with trio.fail_after(WAIT):
-            await log.append_many([entry(n) for n in range(count)])
+        await append_each(log, [entry(n) for n in range(count)])
 
 
 @pytest.mark.parametrize("cut", [1, 5, 8, 9, 30])
@@ -713,6 +923,7 @@ async def test_torn_tail_loses_only_the_damaged_frame(
         fields = warning.__dict__
         assert fields["event"] == "storage.tail_truncated"
         assert fields["bytes_dropped"] == frame - cut
+        assert fields["records_dropped"] == 1
         assert fields["last_good_index"] == 19
         assert warning.levelno == logging.WARNING
     finally:
@@ -751,6 +962,98 @@ async def test_garbage_over_the_tail_loses_from_the_first_bad_frame(tmp_path: Pa
         assert [r.body["n"] for r in log.scan(1)] == list(range(7))
     finally:
         log.close()
+
+
+async def write_batches(directory: Path) -> int:
+    """Indexes 1, 2, 3 each in a batch of its own, then 4..8 as one batch; the frame size."""
+    async with open_segment_log(directory) as log:
+        await append_each(log, [entry(n) for n in range(3)])
+        with trio.fail_after(WAIT):
+            await log.append_many([entry(n) for n in range(3, 8)])
+    return log_frame_size(entry(0), 1)
+
+
+@pytest.mark.parametrize("damaged", [1, 3])
+async def test_damage_followed_by_a_later_batch_is_corruption(tmp_path: Path, damaged: int) -> None:
+    frame = await write_batches(tmp_path)
+    [path] = segment_files(tmp_path)
+    overwrite(path, (damaged - 1) * frame + HEADER_SIZE + 9, b"\xee")
+    data = path.read_bytes()
+    with pytest.raises(CorruptionError, match="acknowledged records follow the damage") as info:
+        reopen(tmp_path)
+    assert (info.value.path, info.value.offset) == (path, (damaged - 1) * frame)
+    assert f"record {damaged + 1} at offset {damaged * frame}" in info.value.reason
+    assert path.read_bytes() == data  # nothing cut
+    [problem] = verify_log(tmp_path).problems
+    assert problem.startswith(f"{path}: offset {(damaged - 1) * frame}: frame CRC mismatch;")
+    assert "acknowledged records follow the damage" in problem
+
+
+@pytest.mark.parametrize("damaged", [4, 6, 8])
+async def test_damage_inside_the_final_batch_is_a_torn_tail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damaged: int
+) -> None:
+    frame = await write_batches(tmp_path)
+    [path] = segment_files(tmp_path)
+    # One page of the last write never reached the disk; the pages after it did.
+    offset = (damaged - 1) * frame
+    overwrite(path, offset + 4, bytes(frame - 4))
+    [problem] = verify_log(tmp_path).problems
+    lost = 8 - damaged + 1
+    assert problem == (
+        f"{path}: offset {offset}: frame CRC mismatch: torn final batch ({8 * frame - offset}"
+        f" bytes, about {lost} records, never acknowledged); opening the log cuts it"
+    )
+    with caplog.at_level(logging.WARNING, logger="villaged.storage"):
+        log = reopen(tmp_path)
+    try:
+        assert log.last_index == damaged - 1
+    finally:
+        log.close()
+    [warning] = [r for r in caplog.records if getattr(r, "event", None)]
+    assert warning.__dict__["event"] == "storage.tail_truncated"
+    assert warning.__dict__["bytes_dropped"] == 8 * frame - offset
+    assert warning.__dict__["records_dropped"] == lost
+    assert path.stat().st_size == offset
+    assert verify_log(tmp_path).ok
+
+
+async def test_frame_written_whole_that_does_not_decode_is_never_cut(tmp_path: Path) -> None:
+    await write_entries(tmp_path, 3)
+    [path] = segment_files(tmp_path)
+    # A record as an older encoder wrote it (no batch start): its CRC matches, so it is not
+    # torn, and cutting it would drop a record that was acknowledged.
+    old_style = msgpack.packb({"t": "test.entry", "v": 1, "T": 0, "i": 4, "b": {}})
+    with path.open("ab") as file:
+        file.write(encode_frame(old_style))
+    data = path.read_bytes()
+    with pytest.raises(CorruptionError, match="written whole") as info:
+        reopen(tmp_path)
+    assert info.value.offset == 3 * log_frame_size(entry(0), 1)
+    assert path.read_bytes() == data
+    [problem] = verify_log(tmp_path).problems
+    assert "'B' is not a non-negative integer" in problem
+    assert "written whole" in problem
+
+
+async def test_torn_batch_below_the_snapshot_is_corruption(tmp_path: Path) -> None:
+    async with open_segment_log(tmp_path) as log:
+        with trio.fail_after(WAIT):
+            await log.append_many([entry(n) for n in range(10)])
+            await log.save_snapshot(8, 0, b"state@8")
+    [path] = segment_files(tmp_path)
+    frame = log_frame_size(entry(0), 1)
+    overwrite(path, 4 * frame + HEADER_SIZE + 9, b"\xee")  # entry 5, in the only batch
+    before = {p: p.read_bytes() for p in directory_listing(tmp_path)}
+    # The snapshot at 8 was taken from durable entries: the batch was acknowledged.
+    with pytest.raises(CorruptionError, match="snapshot at index 8 shows") as info:
+        reopen(tmp_path)
+    assert (info.value.path, info.value.offset) == (path, 4 * frame)
+    assert {p: p.read_bytes() for p in directory_listing(tmp_path)} == before
+    problems = verify_log(tmp_path).problems
+    assert len(problems) == 2
+    assert "torn final batch" in problems[0]
+    assert "entries 5..8 were durable and are missing" in problems[1]
 
 
 async def test_flipped_bit_in_a_sealed_segment_is_corruption(tmp_path: Path) -> None:
@@ -818,8 +1121,8 @@ async def test_corrupt_snapshot_file_is_corruption(tmp_path: Path) -> None:
 async def test_verify_log_of_a_healthy_log(tmp_path: Path) -> None:
     frame = log_frame_size(entry(0), 1)
     async with open_segment_log(tmp_path, segment_bytes=5 * frame) as log:
+        await append_each(log, [entry(n, term=1) for n in range(23)])
         with trio.fail_after(WAIT):
-            await log.append_many([entry(n, term=1) for n in range(23)])
             await log.save_snapshot(12, 1, b"s")
     report = verify_log(tmp_path)
     assert report.ok
@@ -841,8 +1144,8 @@ async def test_verify_log_reports_a_snapshot_that_contradicts_the_log(tmp_path: 
 async def test_snapshot_that_does_not_reach_the_log_is_corruption(tmp_path: Path) -> None:
     frame = log_frame_size(entry(0), 1)
     async with open_segment_log(tmp_path, segment_bytes=4 * frame) as log:
+        await append_each(log, [entry(n) for n in range(20)])
         with trio.fail_after(WAIT):
-            await log.append_many([entry(n) for n in range(20)])
             await log.save_snapshot(5, 0, b"five")
             await log.save_snapshot(14, 0, b"fourteen")
     assert [int(path.stem) for path in segment_files(tmp_path)] == [13, 17]

@@ -18,10 +18,14 @@ batch is durable. Reads see durable entries only, so nothing unacknowledged is e
 *Group commit.* The writer task (``run``) takes one item at a time from ``_queue``. For a batch
 it makes one ``pwrite`` + one ``fdatasync`` in a worker thread and then sets the batch's single
 ``trio.Event``, waking every appender of that batch at once. While that thread runs, new
-appends go into the next batch, so batches grow with load by themselves. A batch never spans
-two segments: the append that finds the targeted segment at ``segment_bytes`` or more opens a
-batch marked ``new_segment``, and the writer rolls (fsync old segment, create new file, fsync
-directory) before writing it. Queued bytes are bounded by ``max_pending_bytes``; appends beyond
+appends go into the next batch, so batches grow with load by themselves. Every record carries
+the first index of its batch (``"B"``, see :mod:`villaged.storage.records`), which is why a
+record's batch is chosen before it is encoded. A batch never spans two segments: the append
+that finds the targeted segment at ``segment_bytes`` or more opens a batch marked
+``new_segment``, and the writer rolls (fsync old segment, create new file, fsync directory)
+before writing it. An ``append_many`` call is one batch, never split: it rolls first when its
+frames would not fit in what is left of the segment, and a call larger than ``segment_bytes``
+makes a segment that large. Queued bytes are bounded by ``max_pending_bytes``; appends beyond
 that wait before they get an index.
 
 *Failure.* If a batch's write or fdatasync fails, that batch and every batch queued behind it
@@ -41,8 +45,22 @@ never left adopted-by-disk but not by memory.
 
 *Crash safety of multi-file changes.* Files are removed in an order that always leaves a
 contiguous log behind: compaction deletes oldest first, truncation and snapshot installation
-delete newest first, and a snapshot file is durable before anything it covers is removed.
-Recovery finishes whatever was interrupted (see ``_reconcile_with_snapshot``).
+delete newest first, and a snapshot file is durable before anything it covers is removed. An
+installed snapshot that replaces the log says so in its file (``replaces_log``), and the
+oldest replaced segment, whose base is at or below the snapshot's index, is removed only once
+the others are durably gone: so "latest snapshot replaces the log and a segment starts at or
+below it" means exactly "an installation was interrupted". Recovery finishes that, and an
+interrupted compaction; any other disagreement between the snapshot and the segments is
+corruption, never a reason to delete segments.
+
+*Recovery of the newest segment.* A crash can leave the final batch torn, and only that batch
+may be cut. After the first bad frame, recovery looks for whole frames further on
+(:func:`~villaged.storage.segment.assess_damage`): one written by a later batch proves the
+damaged batch was durable, hence acknowledged, and the log refuses to open
+(:class:`CorruptionError`) rather than cut acknowledged records. A cut that would end the log
+below the latest snapshot's index is refused for the same reason (the snapshot shows those
+entries were durable). Frame lengths are checked against the format's hard cap, never against
+``max_record_bytes``, which limits new appends only.
 
 *File descriptors.* Each segment keeps one read-write descriptor for reads (``pread``, on the
 event loop: durable data is in the page cache) and, for the active one, writes. Only the writer
@@ -79,11 +97,14 @@ from villaged.storage.records import Record, encode_record
 from villaged.storage.segment import (
     FRAME_HEADER,
     HEADER_SIZE,
-    MAX_FRAME_PAYLOAD,
+    MAX_RECORD_PAYLOAD,
     SEGMENT_SUFFIX,
     SNAPSHOT_SUFFIX,
     TMP_SUFFIX,
     FrameError,
+    SegmentScan,
+    SnapshotContents,
+    assess_damage,
     decode_record_frame,
     decode_snapshot,
     encode_snapshot,
@@ -293,14 +314,15 @@ class SegmentLog:
     ) -> SegmentLog:
         """Open (creating if absent) and recover the log in ``directory``. Blocking.
 
-        Recovery cuts a damaged tail off the newest segment (logged as
-        ``storage.tail_truncated``), raises :class:`CorruptionError` for damage anywhere
-        else, and finishes an interrupted compaction or snapshot installation.
+        Recovery cuts a torn final batch off the newest segment (logged as
+        ``storage.tail_truncated``), raises :class:`CorruptionError` for any other damage, and
+        finishes an interrupted compaction or snapshot installation. ``max_record_bytes``
+        limits new appends only: records already written stay readable whatever it is.
         """
         if segment_bytes < 1 or max_record_bytes < 1 or max_pending_bytes < 1:
             raise ValueError("segment_bytes, max_record_bytes and max_pending_bytes must be > 0")
-        if max_record_bytes > MAX_FRAME_PAYLOAD:
-            raise ValueError(f"max_record_bytes cannot exceed {MAX_FRAME_PAYLOAD}")
+        if max_record_bytes > MAX_RECORD_PAYLOAD:
+            raise ValueError(f"max_record_bytes cannot exceed {MAX_RECORD_PAYLOAD}")
         ops = file_ops if file_ops is not None else OsFileOps()
         created = not directory.exists()
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -309,7 +331,7 @@ class SegmentLog:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         segments: list[_Segment] = []
         try:
-            snapshot, terms = _recover(directory, dir_fd, ops, max_record_bytes, segments)
+            snapshot, terms = _recover(directory, dir_fd, ops, segments)
         except BaseException:
             for segment in segments:
                 _close_fd(segment)
@@ -429,7 +451,7 @@ class SegmentLog:
         self, segment: _Segment, data: bytes, position: int, file_offset: int, index: int
     ) -> tuple[Record, int]:
         try:
-            record, end = decode_record_frame(data, position, max_payload=self._max_record_bytes)
+            record, end = decode_record_frame(data, position, max_payload=MAX_RECORD_PAYLOAD)
         except FrameError as exc:
             raise CorruptionError(segment.path, file_offset + exc.offset, exc.reason) from exc
         if record.index != index:
@@ -452,15 +474,23 @@ class SegmentLog:
 
         The index is assigned when the call is made, so indexes follow call order. If the
         caller is cancelled while waiting, the record may still become durable. Raises
-        :class:`RecordTooLargeError` (nothing written) or :class:`LogWriteError`.
+        :class:`RecordTooLargeError` or :class:`~villaged.storage.records.RecordEncodeError`
+        (nothing written, no index used) or :class:`LogWriteError`.
         """
         if self._gating_jobs or self._pending_bytes >= self._max_pending_bytes or self._closed:
             await self._admit()
         elif self._failure is not None:
             raise LogWriteError(self._failure)
         index = self._next_index
+        # The batch this frame joins, as ``_add_frame`` will choose it (the record names it).
+        batch = self._open_batch
+        if batch is None or self._planned_bytes >= self._segment_bytes:
+            batch_start = index
+        else:
+            batch_start = batch.first_index
         payload = encode_record(
-            Record(record.type, record.body, record.version, record.term, index)
+            Record(record.type, record.body, record.version, record.term, index),
+            batch=batch_start,
         )
         if len(payload) > self._max_record_bytes:
             raise self._too_large(payload)
@@ -472,34 +502,56 @@ class SegmentLog:
         return index
 
     async def append_many(self, records: Sequence[Record]) -> list[int]:
-        """Append ``records`` at consecutive indexes; one wait for all of them to be durable.
+        """Append ``records`` at consecutive indexes, all in one batch (one ``fdatasync``).
 
-        Either all are acknowledged or the call raises; if it raises :class:`LogWriteError`
-        none of them is in the log.
+        Either all are acknowledged or the call raises; if it raises none of them is in the
+        log. The batch never spans segments: if its frames would not fit in what is left of
+        the active segment, the segment is rolled first, and a batch larger than
+        ``segment_bytes`` makes a segment that large.
         """
         if not records:
             await trio.lowlevel.checkpoint()
             return []
         await self._admit()
         first = self._next_index
-        payloads = [
-            encode_record(Record(r.type, r.body, r.version, r.term, first + offset))
-            for offset, r in enumerate(records)
-        ]
+        planned = self._planned_bytes
+        open_batch = self._open_batch
+        if planned >= self._segment_bytes:
+            open_batch = None  # full: the next frame starts a batch (and a segment)
+        payloads = self._encode_many(
+            records, first, first if open_batch is None else open_batch.first_index
+        )
+        size = sum(map(len, payloads)) + HEADER_SIZE * len(payloads)
+        roll = planned > 0 and planned + size > self._segment_bytes
+        if roll and open_batch is not None:
+            # A batch of its own after all, so the records name another batch start.
+            payloads = self._encode_many(records, first, first)
         for payload in payloads:
             if len(payload) > self._max_record_bytes:
                 raise self._too_large(payload)
-        batch: _Batch | None = None
+        if roll:
+            batch = self._new_batch(first, new_segment=True)
+            self._planned_bytes = 0
+        elif open_batch is None:
+            batch = self._new_batch(first, new_segment=False)
+        else:
+            batch = open_batch
         for offset, (record, payload) in enumerate(zip(records, payloads, strict=True)):
-            batch = self._add_frame(first + offset, record.term, payload)
-        assert batch is not None
+            self._frame_into(batch, first + offset, record.term, payload)
         self._next_index = first + len(records)
-        # Batches complete in order and a failure fails every batch behind it, so the last
-        # batch's outcome is the outcome of all of them.
         await batch.done.wait()
         if batch.error is not None:
             raise LogWriteError(batch.error)
         return list(range(first, first + len(records)))
+
+    @staticmethod
+    def _encode_many(records: Sequence[Record], first: int, batch_start: int) -> list[bytes]:
+        return [
+            encode_record(
+                Record(r.type, r.body, r.version, r.term, first + offset), batch=batch_start
+            )
+            for offset, r in enumerate(records)
+        ]
 
     def _too_large(self, payload: bytes) -> RecordTooLargeError:
         return RecordTooLargeError(
@@ -528,6 +580,10 @@ class SegmentLog:
             self._planned_bytes = 0
         elif batch is None:
             batch = self._new_batch(index, new_segment=False)
+        self._frame_into(batch, index, term, payload)
+        return batch
+
+    def _frame_into(self, batch: _Batch, index: int, term: int, payload: bytes) -> None:
         buf = batch.buf
         batch.offsets.append(len(buf))
         buf += _pack_header(len(payload), _crc32(payload))
@@ -538,7 +594,6 @@ class SegmentLog:
         frame_bytes = HEADER_SIZE + len(payload)
         self._planned_bytes += frame_bytes
         self._pending_bytes += frame_bytes
-        return batch
 
     def _new_batch(self, first_index: int, *, new_segment: bool) -> _Batch:
         batch = _Batch(first_index, new_segment=new_segment)
@@ -834,10 +889,19 @@ class SegmentLog:
             raise LogWriteError(self._failure)
         if snapshot.index <= self.first_index - 1:
             return
-        await trio.to_thread.run_sync(_write_snapshot_file, self._ops, self._directory, snapshot)
-        if snapshot.index <= self._last_index and self._terms.term_at(snapshot.index) == (
-            snapshot.term
-        ):
+        keeps_suffix = snapshot.index <= self._last_index and (
+            self._terms.term_at(snapshot.index) == snapshot.term
+        )
+        await trio.to_thread.run_sync(
+            partial(
+                _write_snapshot_file,
+                self._ops,
+                self._directory,
+                snapshot,
+                replaces_log=not keeps_suffix,
+            )
+        )
+        if keeps_suffix:
             await self._adopt_snapshot(snapshot)
             return
         old = list(self._segments)
@@ -913,21 +977,26 @@ async def open_segment_log(directory: Path, **kwargs: Any) -> AsyncIterator[Segm
 
 
 def _recover(
-    directory: Path,
-    dir_fd: int,
-    ops: FileOps,
-    max_record_bytes: int,
-    segments: list[_Segment],
+    directory: Path, dir_fd: int, ops: FileOps, segments: list[_Segment]
 ) -> tuple[Snapshot | None, _TermRuns]:
     """Fill ``segments`` (opened so far, so the caller can close them on error) from disk."""
     segment_files, snapshot_files = _list_log_files(directory, remove_tmp=True)
-    snapshot = _load_snapshot(snapshot_files[-1][1]) if snapshot_files else None
+    latest = _load_snapshot(snapshot_files[-1][1]) if snapshot_files else None
     for _, stale in snapshot_files[:-SNAPSHOTS_KEPT]:
         stale.unlink(missing_ok=True)
+    snapshot = None if latest is None else Snapshot(latest.index, latest.term, latest.data)
+    if latest is not None and _install_leftovers(latest, segment_files):
+        logger.warning(
+            "log %s: finishing an interrupted snapshot installation at index %d",
+            directory,
+            latest.index,
+            extra={"event": "storage.snapshot_install_resumed", "index": latest.index},
+        )
+        _remove_replaced_segments(ops, dir_fd, [path for _, path in reversed(segment_files)])
+        segment_files = []
 
     terms = _TermRuns()
     for position, (base, path) in enumerate(segment_files):
-        newest = position == len(segment_files) - 1
         if segments and base != segments[-1].last_index + 1:
             raise CorruptionError(
                 path,
@@ -937,30 +1006,11 @@ def _recover(
             )
         segment = _Segment(base, path, os.open(path, os.O_RDWR | os.O_CLOEXEC))
         segments.append(segment)
-        scan = scan_segment(path.read_bytes(), base=base, max_record_bytes=max_record_bytes)
+        data = path.read_bytes()
+        scan = scan_segment(data, base=base)
         if scan.damage is not None:
-            if not newest:
-                raise CorruptionError(path, scan.damage.offset, scan.damage.reason)
-            ops.ftruncate(segment.fd, scan.valid_bytes)
-            ops.fsync(segment.fd)
-            dropped = scan.total_bytes - scan.valid_bytes
-            logger.warning(
-                "log segment %s: cut %d bytes of damaged tail at offset %d (%s);"
-                " last good index %d",
-                path,
-                dropped,
-                scan.valid_bytes,
-                scan.damage.reason,
-                scan.last_index,
-                extra={
-                    "event": "storage.tail_truncated",
-                    "segment": str(path),
-                    "offset": scan.valid_bytes,
-                    "bytes_dropped": dropped,
-                    "last_good_index": scan.last_index,
-                    "reason": scan.damage.reason,
-                },
-            )
+            newest = position == len(segment_files) - 1
+            _cut_torn_tail(ops, segment, data, scan, snapshot, newest=newest)
         segment.offsets = scan.offsets
         segment.size = scan.valid_bytes
         for index, term in scan.term_changes:
@@ -974,8 +1024,15 @@ def _recover(
                 f"log starts at index {segments[0].base} and no snapshot covers the entries"
                 " before it",
             )
-    else:
+    elif segments:
         terms = _reconcile_with_snapshot(ops, dir_fd, snapshot, segments, terms)
+    elif latest is not None and not latest.replaces_log:
+        raise CorruptionError(
+            snapshot_files[-1][1],
+            0,
+            f"no segment files, but the log that saved this snapshot kept its active segment:"
+            f" the entries after index {latest.index} are missing",
+        )
     if not segments:
         base = 1 if snapshot is None else snapshot.index + 1
         path = directory / segment_file_name(base)
@@ -984,38 +1041,98 @@ def _recover(
     return snapshot, terms
 
 
+def _install_leftovers(latest: SnapshotContents, segment_files: list[tuple[int, Path]]) -> bool:
+    """Whether ``segment_files`` are what an interrupted installation of ``latest`` left behind.
+
+    Once an installed snapshot is in place every segment starts after its index, and while
+    replaced segments remain the oldest of them, which starts at or below it, is among them.
+    """
+    return latest.replaces_log and bool(segment_files) and segment_files[0][0] <= latest.index
+
+
+def _cut_torn_tail(
+    ops: FileOps,
+    segment: _Segment,
+    data: bytes,
+    scan: SegmentScan,
+    snapshot: Snapshot | None,
+    *,
+    newest: bool,
+) -> None:
+    """Cut the damage ``scan`` found in ``segment`` if it is a torn final batch; otherwise raise
+    :class:`CorruptionError`. Only the newest segment can end in a batch that was never
+    durable: a roll seals (fsyncs) the segment before the next one is created."""
+    damage = scan.damage
+    if damage is None:
+        return
+    path = segment.path
+    if not newest:
+        raise CorruptionError(path, damage.offset, damage.reason)
+    assessment = assess_damage(data, scan)
+    if not assessment.torn_tail:
+        raise CorruptionError(path, damage.offset, f"{damage.reason}; {assessment.why_not_torn()}")
+    if snapshot is not None and snapshot.index > scan.last_index:
+        raise CorruptionError(
+            path,
+            damage.offset,
+            f"{damage.reason}; the snapshot at index {snapshot.index} shows that the entries"
+            f" from {assessment.expected_index} on were durable, so this is not a torn write",
+        )
+    ops.ftruncate(segment.fd, scan.valid_bytes)
+    ops.fsync(segment.fd)
+    dropped = assessment.bytes_from_damage
+    logger.warning(
+        "log segment %s: cut a torn final batch at offset %d (%s): %d bytes, %d records;"
+        " last good index %d",
+        path,
+        damage.offset,
+        damage.reason,
+        dropped,
+        assessment.records_lost,
+        scan.last_index,
+        extra={
+            "event": "storage.tail_truncated",
+            "segment": str(path),
+            "offset": damage.offset,
+            "bytes_dropped": dropped,
+            "records_dropped": assessment.records_lost,
+            "last_good_index": scan.last_index,
+            "reason": damage.reason,
+        },
+    )
+
+
 def _reconcile_with_snapshot(
     ops: FileOps, dir_fd: int, snapshot: Snapshot, segments: list[_Segment], terms: _TermRuns
 ) -> _TermRuns:
-    """Make the segments agree with the latest snapshot, finishing interrupted operations:
+    """Check the segments against the latest snapshot, and finish an interrupted compaction
+    (sealed segments that lie entirely at or below the snapshot are deleted).
 
-    * the log ends before the snapshot, or holds its index with another term: an
-      ``install_snapshot`` stopped after its snapshot became durable; drop every segment.
-    * sealed segments lie entirely at or below the snapshot: a compaction stopped; delete them.
+    Anything else that does not fit is corruption: the snapshot was saved from durable
+    entries (or installed, see ``_install_leftovers``), so a log that ends below it, or holds
+    its index with another term, has lost acknowledged entries.
     """
-    if not segments:
-        return terms
     first, last = segments[0].base, segments[-1].last_index
-    if last < snapshot.index or (
-        first <= snapshot.index and terms.term_at(snapshot.index) != snapshot.term
-    ):
-        logger.warning(
-            "log %s: finishing an interrupted snapshot installation at index %d",
-            segments[0].path.parent,
-            snapshot.index,
-            extra={"event": "storage.snapshot_install_resumed", "index": snapshot.index},
+    if last < snapshot.index:
+        raise CorruptionError(
+            segments[-1].path,
+            segments[-1].size,
+            f"log ends at index {last} but the latest snapshot is at index {snapshot.index}:"
+            f" entries {last + 1}..{snapshot.index} were durable and are missing",
         )
-        for segment in reversed(segments):
-            segment.path.unlink()
-            _close_fd(segment)
-        segments.clear()
-        ops.fsync(dir_fd)
-        return _TermRuns()
     if first > snapshot.index + 1:
         raise CorruptionError(
             segments[0].path,
             0,
             f"log starts at index {first} but the latest snapshot ends at {snapshot.index}",
+        )
+    if first <= snapshot.index and terms.term_at(snapshot.index) != snapshot.term:
+        segment = segments[bisect.bisect_right(segments, snapshot.index, key=_segment_base) - 1]
+        raise CorruptionError(
+            segment.path,
+            segment.offsets[snapshot.index - segment.base],
+            f"entry {snapshot.index} has term {terms.term_at(snapshot.index)} but the latest"
+            f" snapshot says term {snapshot.term}",
         )
     covered = 0
     while covered < len(segments) - 1 and segments[covered].last_index <= snapshot.index:
@@ -1053,14 +1170,14 @@ def _list_log_files(
     return segment_files, snapshot_files
 
 
-def _load_snapshot(path: Path) -> Snapshot:
+def _load_snapshot(path: Path) -> SnapshotContents:
     try:
-        index, term, data = decode_snapshot(path.read_bytes())
+        contents = decode_snapshot(path.read_bytes())
     except FrameError as exc:
         raise CorruptionError(path, exc.offset, exc.reason) from exc
-    if parse_snapshot_file_name(path.name) != index:
-        raise CorruptionError(path, 0, f"file holds the snapshot at index {index}")
-    return Snapshot(index, term, data)
+    if parse_snapshot_file_name(path.name) != contents.index:
+        raise CorruptionError(path, 0, f"file holds the snapshot at index {contents.index}")
+    return contents
 
 
 # -------------------------------------------------------------------- worker-thread I/O
@@ -1161,10 +1278,23 @@ def _remove_oldest_first(
     return removed, error
 
 
-def _replace_segments(ops: FileOps, dir_fd: int, newest_first: list[Path], path: Path) -> int:
-    for old in newest_first:
-        old.unlink()
+def _remove_replaced_segments(ops: FileOps, dir_fd: int, newest_first: list[Path]) -> None:
+    """Remove the segments an installed snapshot replaces, the oldest one last and only once
+    the others are durably gone: while any of them is left, the oldest is (see "Crash safety
+    of multi-file changes")."""
+    if not newest_first:
+        return
+    *newer, oldest = newest_first
+    for path in newer:
+        path.unlink()
+    if newer:
+        ops.fsync(dir_fd)
+    oldest.unlink()
     ops.fsync(dir_fd)
+
+
+def _replace_segments(ops: FileOps, dir_fd: int, newest_first: list[Path], path: Path) -> int:
+    _remove_replaced_segments(ops, dir_fd, newest_first)
     fd = _create_file(path)
     try:
         ops.fsync(dir_fd)
@@ -1174,10 +1304,14 @@ def _replace_segments(ops: FileOps, dir_fd: int, newest_first: list[Path], path:
     return fd
 
 
-def _write_snapshot_file(ops: FileOps, directory: Path, snapshot: Snapshot) -> None:
+def _write_snapshot_file(
+    ops: FileOps, directory: Path, snapshot: Snapshot, *, replaces_log: bool = False
+) -> None:
     """tmp file, fsync, rename, fsync directory; then drop all but the newest snapshots."""
     try:
-        contents = encode_snapshot(snapshot.index, snapshot.term, snapshot.data)
+        contents = encode_snapshot(
+            snapshot.index, snapshot.term, snapshot.data, replaces_log=replaces_log
+        )
     except ValueError as exc:
         raise LogWriteError(f"snapshot {snapshot.index} not saved: {exc}") from exc
     final = directory / snapshot_file_name(snapshot.index)
@@ -1231,7 +1365,9 @@ class VerifyReport:
 
     ``first_index``/``last_index`` are the entries physically present in the segment files
     (None without any segment file; ``last_index == first_index - 1`` when they are empty),
-    which may start below the snapshot's index + 1 that an open log reports.
+    which may start below the snapshot's index + 1 that an open log reports. ``problems`` is
+    damage, a torn tail included; ``notes`` are states that opening the log finishes without
+    losing anything (an interrupted snapshot installation).
     """
 
     directory: Path
@@ -1242,26 +1378,46 @@ class VerifyReport:
     snapshots_checked: int
     latest_snapshot_index: int | None
     problems: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def verify_log(
-    directory: Path, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
-) -> VerifyReport:
+def verify_log(directory: Path) -> VerifyReport:
     """Check a log directory without changing it.
 
-    Every frame of every segment (the active one included: a torn tail is reported, not cut),
-    index continuity across segments, every snapshot file, and that the latest snapshot fits
-    the log: ``snapshot.index >= first_index - 1`` and, if the log still holds the entry at
-    ``snapshot.index``, its term matches. Each problem names the file and byte offset.
+    Every frame of every segment, by the rules recovery applies: damage in a sealed segment,
+    or in the newest one when whole records of a later batch follow it, is damage to
+    acknowledged records; damage in the newest segment's final batch is a torn tail, which
+    opening the log would cut (reported too: it is damage). Also index continuity across
+    segments, every snapshot file, and that the latest snapshot fits the log: the log holds
+    entries up to its index, ``snapshot.index >= first_index - 1`` and, if the log still
+    holds the entry at ``snapshot.index``, its term matches. Each problem names the file and
+    byte offset.
     """
     if not directory.is_dir():
         raise StorageError(f"{directory}: not a log directory")
     segment_files, snapshot_files = _list_log_files(directory, remove_tmp=False)
     problems: list[str] = []
+    notes: list[str] = []
+
+    latest: SnapshotContents | None = None
+    for _, path in snapshot_files:
+        try:
+            latest = _load_snapshot(path)
+        except CorruptionError as exc:
+            problems.append(str(exc))
+            latest = None
+    if latest is not None and _install_leftovers(latest, segment_files):
+        notes.append(
+            f"{directory}: the installation of the snapshot at index {latest.index} was"
+            f" interrupted; opening the log removes the {len(segment_files)} segment files it"
+            " replaces (not checked)"
+        )
+        segment_files = []
+
     records = 0
     first: int | None = None
     last: int | None = None
@@ -1269,18 +1425,18 @@ def verify_log(
     # Where the next segment must start; unknown after a damaged segment, whose true end
     # cannot be read (its damage is reported already).
     expected_base: int | None = None
-    for base, path in segment_files:
+    for position, (base, path) in enumerate(segment_files):
         if expected_base is not None and base != expected_base:
             problems.append(
                 f"{path}: offset 0: segment starts at index {base}, expected {expected_base}"
             )
-        scan = scan_segment(path.read_bytes(), base=base, max_record_bytes=max_record_bytes)
+        data = path.read_bytes()
+        scan = scan_segment(data, base=base)
         expected_base = scan.last_index + 1
         if scan.damage is not None:
             expected_base = None
             problems.append(
-                f"{path}: offset {scan.damage.offset}: {scan.damage.reason}"
-                f" ({scan.total_bytes - scan.valid_bytes} bytes from there on unreadable)"
+                _describe_damage(path, data, scan, newest=position == len(segment_files) - 1)
             )
         records += scan.count
         if first is None:
@@ -1289,21 +1445,26 @@ def verify_log(
         for index, term in scan.term_changes:
             terms.add(index, term)
 
-    latest: Snapshot | None = None
-    for _, path in snapshot_files:
-        try:
-            latest = _load_snapshot(path)
-        except CorruptionError as exc:
-            problems.append(str(exc))
-            latest = None
-    if snapshot_files and latest is not None:
+    if latest is not None:
         path = snapshot_files[-1][1]
-        if first is not None and latest.index < first - 1:
+        if first is None or last is None:
+            if not latest.replaces_log:
+                problems.append(
+                    f"{path}: offset 0: no segment files, but the log that saved this snapshot"
+                    f" kept its active segment: the entries after index {latest.index} are"
+                    " missing"
+                )
+        elif latest.index < first - 1:
             problems.append(
                 f"{path}: offset 0: snapshot ends at index {latest.index} but the log only"
                 f" starts at {first}: entries {latest.index + 1}..{first - 1} are missing"
             )
-        elif first is not None and last is not None and first <= latest.index <= last:
+        elif latest.index > last:
+            problems.append(
+                f"{path}: offset 0: snapshot at index {latest.index} but the log ends at"
+                f" {last}: entries {last + 1}..{latest.index} were durable and are missing"
+            )
+        elif first <= latest.index:
             term = terms.term_at(latest.index)
             if term != latest.term:
                 problems.append(
@@ -1324,4 +1485,22 @@ def verify_log(
         snapshots_checked=len(snapshot_files),
         latest_snapshot_index=latest.index if latest is not None else None,
         problems=tuple(problems),
+        notes=tuple(notes),
     )
+
+
+def _describe_damage(path: Path, data: bytes, scan: SegmentScan, *, newest: bool) -> str:
+    damage = scan.damage
+    if damage is None:
+        raise ValueError("the scan found no damage")
+    where = f"{path}: offset {damage.offset}: {damage.reason}"
+    unreadable = f"{scan.total_bytes - scan.valid_bytes} bytes from there on unreadable"
+    if not newest:
+        return f"{where} ({unreadable})"
+    assessment = assess_damage(data, scan)
+    if assessment.torn_tail:
+        return (
+            f"{where}: torn final batch ({assessment.bytes_from_damage} bytes, about"
+            f" {assessment.records_lost} records, never acknowledged); opening the log cuts it"
+        )
+    return f"{where}; {assessment.why_not_torn()} ({unreadable})"
