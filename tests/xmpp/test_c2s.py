@@ -1,0 +1,386 @@
+"""The c2s stream state machine, driven with bytes; what it sends is parsed back as a client
+would parse it."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.xmpp.scram_client import ScramClient
+from villaged.xmpp import xml
+from villaged.xmpp.c2s import (
+    MAX_AUTH_ATTEMPTS,
+    NEED_DATA,
+    AuthFailed,
+    AuthSucceeded,
+    BindRequested,
+    C2SStream,
+    ConnectionLost,
+    Event,
+    Phase,
+    StanzaReceived,
+    StartTls,
+    StreamEnded,
+    StreamSettings,
+)
+from villaged.xmpp.jid import JID
+from villaged.xmpp.scram import ScramCredential, derive_credential
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+DOMAIN = "example.org"
+PASSWORD = "correct horse"
+HEADER = (
+    b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+    b"xmlns:stream='http://etherx.jabber.org/streams' to='example.org' version='1.0'>"
+)
+SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+STREAMS = "http://etherx.jabber.org/streams"
+
+_CREDS = {
+    mech: derive_credential(mech, PASSWORD, b"0123456789abcdef", 4096)
+    for mech in ("SCRAM-SHA-256", "SCRAM-SHA-1")
+}
+
+
+def lookup(username: str) -> Mapping[str, ScramCredential] | None:
+    return _CREDS if username == "alice" else None
+
+
+class Client:
+    """Feeds the server bytes and parses everything it answers, restarting like a client."""
+
+    def __init__(self, *, direct_tls: bool = False) -> None:
+        counter = itertools.count()
+        self.server = C2SStream(
+            StreamSettings(domain=DOMAIN),
+            lookup=lookup,
+            entropy=lambda n: bytes([next(counter) % 256]) * n,
+            unknown_user_secret=b"s" * 32,
+            direct_tls=direct_tls,
+        )
+        self.parser = xml.StreamParser()
+        self.opened: list[xml.StreamOpened] = []
+        self.received: list[ET.Element] = []
+        self.closed = False
+        self.raw = b""
+
+    def send(self, data: bytes) -> list[Event]:
+        self.server.receive_data(data)
+        events: list[Event] = []
+        while (event := self.server.next_event()) is not NEED_DATA:
+            assert isinstance(event, Event)
+            events.append(event)
+        self._read()
+        return events
+
+    def _read(self) -> None:
+        out = self.server.data_to_send()
+        if not out:
+            return  # (b"" would mean end of input to the parser)
+        self.raw += out
+        self.parser.receive_data(out)
+        while (event := self.parser.next_event()) is not xml.NEED_DATA:
+            if isinstance(event, xml.StreamOpened):
+                self.opened.append(event)
+            elif isinstance(event, xml.StanzaReceived):
+                self.received.append(event.element)
+            elif isinstance(event, xml.StreamClosed):
+                self.closed = True
+
+    def restart(self) -> None:
+        self.parser = xml.StreamParser()
+
+    def take(self) -> list[ET.Element]:
+        got, self.received = self.received, []
+        return got
+
+    def stream_error(self) -> str:
+        errors = [e for e in self.received if e.tag == f"{{{STREAMS}}}error"]
+        assert errors, f"no stream error in {self.raw!r}"
+        return errors[-1][0].tag.split("}")[1]
+
+    # negotiation steps ------------------------------------------------------------------
+
+    def starttls(self) -> None:
+        self.send(HEADER)
+        features = self.take()[-1]
+        assert features.find("{urn:ietf:params:xml:ns:xmpp-tls}starttls/") is not None
+        events = self.send(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        assert events == [StartTls()]
+        assert self.take()[-1].tag == "{urn:ietf:params:xml:ns:xmpp-tls}proceed"
+        self.server.tls_established()
+        self.restart()
+
+    def authenticate(
+        self, password: str = PASSWORD, mechanism: str = "SCRAM-SHA-256", *, retry: bool = False
+    ) -> Event:
+        if not retry:  # after a failure the client tries again on the same stream
+            self.send(HEADER)
+            features = self.take()[-1]
+            offered = [m.text for m in features.iter(f"{{{SASL}}}mechanism")]
+            assert mechanism in offered
+        scram = ScramClient(mechanism, "alice", password)
+        first = base64.b64encode(scram.client_first()).decode()
+        self.send(f"<auth xmlns='{SASL}' mechanism='{mechanism}'>{first}</auth>".encode())
+        challenge = self.take()[-1]
+        assert challenge.tag == f"{{{SASL}}}challenge"
+        final = scram.client_final(base64.b64decode(challenge.text or ""))
+        encoded = base64.b64encode(final).decode()
+        events = self.send(f"<response xmlns='{SASL}'>{encoded}</response>".encode())
+        result = self.take()[-1]
+        if isinstance(events[0], AuthSucceeded):
+            assert result.tag == f"{{{SASL}}}success"
+            assert scram.server_final_is_genuine(base64.b64decode(result.text or ""))
+            self.restart()
+        return events[0]
+
+    def bind(self, resource: str = "phone") -> JID:
+        self.send(HEADER)
+        features = self.take()[-1]
+        assert features.find("{urn:ietf:params:xml:ns:xmpp-bind}bind") is not None
+        events = self.send(
+            b"<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+            + f"<resource>{resource}</resource></bind></iq>".encode()
+        )
+        assert events == [BindRequested(resource)]
+        jid = JID.parse(f"alice@{DOMAIN}/{resource}")
+        self.server.complete_bind(jid)
+        self._read()
+        reply = self.take()[-1]
+        assert reply.get("type") == "result"
+        assert reply.get("id") == "b1"
+        assert reply.findtext(".//{urn:ietf:params:xml:ns:xmpp-bind}jid") == str(jid)
+        return jid
+
+    def ready(self) -> JID:
+        self.starttls()
+        assert isinstance(self.authenticate(), AuthSucceeded)
+        return self.bind()
+
+
+def test_full_negotiation_then_chat() -> None:
+    client = Client()
+    jid = client.ready()
+    assert client.server.phase is Phase.READY
+    assert client.opened[0].from_ == DOMAIN
+    assert len({o.id for o in client.opened}) == 3  # a fresh stream id per restart
+
+    events = client.send(
+        b"<message to='Bob@Example.org' type='chat' id='m1'><body>h\xc3\xa9 &lt;&amp;&gt;</body>"
+        b"</message>"
+    )
+    assert len(events) == 1
+    event = events[0]
+    assert isinstance(event, StanzaReceived)
+    assert event.kind == "message"
+    assert event.stanza.get("from") == str(jid)
+    assert event.stanza.get("to") == "bob@example.org"
+    assert event.stanza.findtext("{jabber:client}body") == "hé <&>"
+
+    incoming = ET.Element("{jabber:client}message", {"from": "bob@example.org/pc", "to": str(jid)})
+    ET.SubElement(incoming, "{jabber:client}body").text = "'quoted' \"text\""
+    client.server.send_stanza(incoming)
+    client._read()
+    got = client.take()
+    assert got[-1].findtext("{jabber:client}body") == "'quoted' \"text\""
+
+    assert client.send(b"</stream:stream>") == [StreamEnded(by_peer=True)]
+    assert client.closed
+    client.server.send_stanza(incoming)  # after the end: dropped, nothing sent
+    assert client.server.data_to_send() == b""
+
+
+def test_direct_tls_starts_at_authentication() -> None:
+    client = Client(direct_tls=True)
+    assert isinstance(client.authenticate(mechanism="SCRAM-SHA-1"), AuthSucceeded)
+    client.bind("laptop")
+
+
+def test_plain_is_offered_only_under_tls() -> None:
+    client = Client()
+    client.send(HEADER)
+    features = client.take()[-1]
+    assert features.find(f"{{{SASL}}}mechanisms") is None, "no SASL before STARTTLS"
+    client.send(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    client.server.tls_established()
+    client.restart()
+    client.send(HEADER)
+    offered = [m.text for m in client.take()[-1].iter(f"{{{SASL}}}mechanism")]
+    assert offered == ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"]
+    plain = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    events = client.send(f"<auth xmlns='{SASL}' mechanism='PLAIN'>{plain}</auth>".encode())
+    assert events == [AuthSucceeded("alice", "PLAIN")]
+
+
+def test_wrong_password_then_too_many_attempts() -> None:
+    client = Client()
+    client.starttls()
+    for attempt in range(MAX_AUTH_ATTEMPTS):
+        event = client.authenticate(password="wrong", retry=attempt > 0)
+        assert event == AuthFailed("alice", "SCRAM-SHA-256", "not-authorized")
+    assert client.raw.endswith(
+        b"<stream:error><policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+        b"<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>too many failed authentication "
+        b"attempts</text></stream:error></stream:stream>"
+    )
+    assert client.server.phase is Phase.CLOSED
+
+
+def test_bad_base64_is_incorrect_encoding() -> None:
+    client = Client(direct_tls=True)
+    client.send(HEADER)
+    client.take()
+    events = client.send(f"<auth xmlns='{SASL}' mechanism='PLAIN'>***</auth>".encode())
+    assert events == [AuthFailed(None, "PLAIN", "incorrect-encoding")]
+    assert client.take()[-1].find(f"{{{SASL}}}incorrect-encoding") is not None
+
+
+@pytest.mark.parametrize(
+    ("header", "condition"),
+    [
+        (HEADER.replace(b"example.org'", b"elsewhere.org'"), "host-unknown"),
+        (HEADER.replace(b" to='example.org'", b""), "host-unknown"),
+        (HEADER.replace(b"xmlns='jabber:client'", b"xmlns='jabber:server'"), "invalid-namespace"),
+        (HEADER.replace(b"org' version='1.0'>", b"org'>"), "unsupported-version"),
+        (HEADER.replace(b"org' version='1.0'>", b"org' version='0.9'>"), "unsupported-version"),
+        (b"<!DOCTYPE x><stream:stream/>", "restricted-xml"),
+        (b"<<<", "not-well-formed"),
+    ],
+)
+def test_bad_stream_headers(header: bytes, condition: str) -> None:
+    client = Client()
+    events = client.send(header)
+    assert events == [StreamEnded(condition=condition, text=events[0].text)]  # type: ignore[attr-defined]
+    assert client.opened, "a stream header is sent before any stream error"
+    assert client.stream_error() == condition
+    assert client.closed
+
+
+@pytest.mark.parametrize(
+    ("phase_setup", "data", "condition"),
+    [
+        ("pre-tls", f"<auth xmlns='{SASL}' mechanism='PLAIN'>=</auth>", "policy-violation"),
+        ("pre-auth", "<message to='bob@example.org'><body>x</body></message>", "not-authorized"),
+        ("pre-bind", "<message to='bob@example.org'><body>x</body></message>", "not-authorized"),
+        ("ready", "<foo xmlns='jabber:client'/>", "unsupported-stanza-type"),
+        ("ready", "<message xmlns='urn:other'/>", "unsupported-stanza-type"),
+        ("ready", "<message from='mallory@example.org/x'><body>x</body></message>", "invalid-from"),
+    ],
+)
+def test_out_of_phase_input_is_a_stream_error(phase_setup: str, data: str, condition: str) -> None:
+    client = Client()
+    if phase_setup == "pre-tls":
+        client.send(HEADER)
+    else:
+        client.starttls()
+        if phase_setup == "pre-auth":
+            client.send(HEADER)
+        else:
+            client.authenticate()
+            if phase_setup == "pre-bind":
+                client.send(HEADER)
+            else:
+                client.bind()
+    events = client.send(data.encode())
+    assert [type(e) for e in events] == [StreamEnded]
+    assert client.stream_error() == condition
+
+
+def test_data_pipelined_after_starttls_is_refused() -> None:
+    client = Client()
+    client.send(HEADER)
+    events = client.send(
+        b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/><iq type='get' id='x'/>"
+    )
+    assert [type(e) for e in events] == [StreamEnded]
+    assert client.stream_error() == "policy-violation"
+    assert not any(e.tag.endswith("proceed") for e in client.received)
+
+
+def test_pre_bind_session_and_bad_requests() -> None:
+    client = Client(direct_tls=True)
+    client.authenticate()
+    client.send(HEADER)
+    client.take()
+    client.send(
+        b"<iq type='set' id='s1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>"
+    )
+    assert client.take()[-1].get("type") == "result"
+    client.send(b"<iq type='get' id='g1'><query xmlns='jabber:iq:roster'/></iq>")
+    error = client.take()[-1]
+    assert error.get("type") == "error"
+    assert error.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}not-authorized") is not None
+    client.send(
+        b"<iq type='set' id='b0'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+        b"<resource>\x07</resource></bind></iq>"
+    )
+    assert client.stream_error() == "not-well-formed"  # a control character is not XML
+
+
+def test_bind_refused_and_server_chosen_resource() -> None:
+    client = Client(direct_tls=True)
+    client.authenticate()
+    client.send(HEADER)
+    client.take()
+    events = client.send(
+        b"<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+    )
+    assert events == [BindRequested(None)]
+    events = client.send(
+        b"<iq type='set' id='b2'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+    )
+    assert events == []
+    assert (
+        client.take()[-1].find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}unexpected-request")
+        is not None
+    )
+    client.server.refuse_bind("resource-constraint", "too many resources")
+    client._read()
+    reply = client.take()[-1]
+    assert reply.get("id") == "b1"
+    assert reply.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}resource-constraint") is not None
+    with pytest.raises(RuntimeError):
+        client.server.complete_bind(JID.parse("alice@example.org/x"))
+
+
+def test_malformed_to_gets_jid_malformed_and_is_dropped() -> None:
+    client = Client()
+    client.ready()
+    events = client.send(b"<message to='a@b@c' id='m2'><body>x</body></message>")
+    assert events == []
+    reply = client.take()[-1]
+    assert reply.get("type") == "error"
+    assert reply.get("id") == "m2"
+    assert reply.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}jid-malformed") is not None
+    assert client.send(b"<message to='a@b@c' type='error'/>") == []  # errors are not answered
+
+
+def test_shutdown_and_eof() -> None:
+    client = Client()
+    client.ready()
+    client.server.fail("system-shutdown")
+    client._read()
+    assert client.stream_error() == "system-shutdown"
+    assert client.closed
+    client.server.fail("system-shutdown")  # idempotent
+    client.server.close()
+    assert client.server.data_to_send() == b""
+
+    other = Client()
+    other.send(HEADER)
+    assert other.send(b"") == [ConnectionLost()]
+
+
+def test_clean_close_from_our_side() -> None:
+    client = Client()
+    client.ready()
+    client.server.close()
+    client._read()
+    assert client.closed
+    assert client.send(b"<message/>") == []

@@ -1,0 +1,488 @@
+"""The client-to-server stream, receiving side (RFC 6120): a sans-I/O state machine.
+
+Theory of operation
+-------------------
+A ``C2SStream`` is fed bytes with ``receive_data`` (``b""`` when the peer closed) and asked for
+``next_event()`` until it answers ``NEED_DATA``. Whatever it has to say to the client
+accumulates and is taken with ``data_to_send()``; the driver writes that out after every call.
+The driver answers some events by calling back: ``tls_established()`` after a STARTTLS
+handshake, ``complete_bind(jid)`` / ``refuse_bind(condition)`` for a bind request.
+
+Negotiation runs through these phases; each restart (after TLS, after SASL) begins a new XML
+stream with a fresh parser, and the client must open it with a new stream header::
+
+    phase        features offered                     what the client may send
+    PRE_TLS      <starttls><required/>                <starttls/>          → AWAIT_TLS
+    AWAIT_TLS    (the driver runs the TLS handshake)  nothing              → PRE_AUTH
+    PRE_AUTH     <mechanisms> (SCRAM, PLAIN)          <auth/> <response/> <abort/> → PRE_BIND
+    PRE_BIND     <bind/>, <session><optional/>        iq bind (+ session)  → READY
+    READY        —                                    message/presence/iq  → StanzaReceived
+
+Direct TLS (XEP-0368) starts in PRE_AUTH. Anything a phase does not allow ends the stream with
+the stream error RFC 6120 prescribes; after a stream error or a close the machine only reports
+``StreamEnded``/``ConnectionLost`` and sends nothing more.
+
+Stanzas in READY are checked before they reach the IM layer: the ``from`` is stamped with the
+session's full JID (a different ``from`` is ``invalid-from``), ``to`` must be a valid JID (else a
+``jid-malformed`` error reply is sent here and the stanza dropped), and only message, presence
+and iq in ``jabber:client`` are stanzas (anything else is ``unsupported-stanza-type``).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from villaged.xmpp import xml
+from villaged.xmpp.jid import JID, JIDError, prepare_resourcepart
+from villaged.xmpp.sasl import (
+    SaslChallenge,
+    SaslError,
+    SaslFailure,
+    SaslServer,
+    SaslSuccess,
+    decode_sasl_payload,
+    offered_mechanisms,
+    server_nonce_from_entropy,
+)
+from villaged.xmpp.scram import ScramCredential
+from villaged.xmpp.stanza import (
+    NS_BIND,
+    NS_CLIENT,
+    NS_SASL,
+    NS_SESSION,
+    NS_STREAMS,
+    NS_TLS,
+    error_reply,
+    iq_result,
+    kind,
+)
+
+MAX_AUTH_ATTEMPTS: Final = 3  # failed SASL exchanges per stream before it is closed
+STREAM_ID_BYTES: Final = 12
+
+
+class Phase(enum.Enum):
+    PRE_TLS = "pre-tls"
+    AWAIT_TLS = "await-tls"
+    PRE_AUTH = "pre-auth"
+    PRE_BIND = "pre-bind"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+# ----- events ------------------------------------------------------------------------------
+
+
+class Event:
+    """Base class of what ``next_event`` reports."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls(Event):
+    """Send what ``data_to_send()`` holds (the <proceed/>), then run the TLS handshake and call
+    ``tls_established()``."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSucceeded(Event):
+    username: str  # the prepared localpart
+    mechanism: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed(Event):
+    username: str | None  # what the client claimed, if it got that far
+    mechanism: str
+    condition: str
+
+
+@dataclass(frozen=True, slots=True)
+class BindRequested(Event):
+    """Choose the full JID (``resource`` is None when the client let the server pick, or when
+    the requested one must be replaced) and call ``complete_bind`` or ``refuse_bind``."""
+
+    resource: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StanzaReceived(Event):
+    stanza: ET.Element  # 'from' already stamped with the session's full JID
+    kind: str  # "message" | "presence" | "iq"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded(Event):
+    """The stream is over (the peer closed it, or we sent a stream error); close the socket."""
+
+    condition: str | None = None  # the stream error we sent, if any
+    text: str | None = None
+    by_peer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost(Event):
+    """EOF without a stream close."""
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    domain: str
+    limits: xml.XmlLimits = field(default_factory=xml.XmlLimits)
+    lang: str = "en"
+    # Extra stream features offered once bound-able (e.g. stream management, CSI, roster
+    # versioning) — elements owned by the IM layer.
+    post_auth_features: tuple[ET.Element, ...] = ()
+
+
+CredentialLookup = Callable[[str], Mapping[str, ScramCredential] | None]
+
+
+class C2SStream:
+    def __init__(
+        self,
+        settings: StreamSettings,
+        *,
+        lookup: CredentialLookup,
+        entropy: Callable[[int], bytes],
+        unknown_user_secret: bytes,
+        direct_tls: bool = False,
+    ) -> None:
+        self.settings = settings
+        self._lookup = lookup
+        self._entropy = entropy
+        self._unknown_user_secret = unknown_user_secret
+        self.phase = Phase.PRE_AUTH if direct_tls else Phase.PRE_TLS
+        self.tls_active = direct_tls
+        self.username: str | None = None
+        self.jid: JID | None = None
+        self.stream_id = ""
+        self._parser = xml.StreamParser(settings.limits)
+        self._header_seen = False
+        self._out: list[bytes] = []
+        self._events: deque[Event] = deque()
+        self._sasl: SaslServer | None = None
+        self._auth_failures = 0
+        self._bind_iq: ET.Element | None = None
+
+    # ----- driver API --------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        try:
+            self._parser.receive_data(data)
+        except xml.XmlStreamError as exc:
+            self._stream_error(exc.condition, exc.text)
+
+    def next_event(self) -> Event | _NeedData:
+        while not self._events and self.phase not in (Phase.CLOSED, Phase.AWAIT_TLS):
+            try:
+                parsed = self._parser.next_event()
+            except xml.XmlStreamError as exc:
+                self._stream_error(exc.condition, exc.text)
+                break
+            if parsed is xml.NEED_DATA:
+                break
+            self._handle(parsed)
+        if self._events:
+            return self._events.popleft()
+        return NEED_DATA
+
+    def data_to_send(self) -> bytes:
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def tls_established(self) -> None:
+        if self.phase is not Phase.AWAIT_TLS:
+            raise RuntimeError(f"tls_established() in phase {self.phase.value}")
+        self.tls_active = True
+        self._restart(Phase.PRE_AUTH)
+
+    def complete_bind(self, jid: JID) -> None:
+        request = self._take_bind_request()
+        self.jid = jid
+        self.phase = Phase.READY
+        bind = ET.Element(f"{{{NS_BIND}}}bind")
+        ET.SubElement(bind, f"{{{NS_BIND}}}jid").text = str(jid)
+        self._send(iq_result(_without_from(request), bind))
+
+    def refuse_bind(self, condition: str, text: str | None = None) -> None:
+        request = self._take_bind_request()
+        self._send(error_reply(_without_from(request), condition, text=text))
+
+    def send_stanza(self, stanza: ET.Element) -> None:
+        """Queue a stanza for the client (only once bound; dropped after the stream ended)."""
+        if self.phase is Phase.READY:
+            self._send(stanza)
+
+    def close(self) -> None:
+        """End the stream cleanly from our side."""
+        if self.phase is not Phase.CLOSED:
+            self._out.append(xml.STREAM_CLOSE)
+            self.phase = Phase.CLOSED
+
+    def fail(self, condition: str, text: str | None = None) -> None:
+        """End the stream with a stream error (e.g. system-shutdown, connection-timeout)."""
+        self._stream_error(condition, text, report=False)
+
+    # ----- internals ---------------------------------------------------------------------
+
+    def _send(self, element: ET.Element) -> None:
+        self._out.append(xml.serialize(element, default_ns=NS_CLIENT))
+
+    def _restart(self, phase: Phase) -> None:
+        self.phase = phase
+        self._parser = xml.StreamParser(self.settings.limits)
+        self._header_seen = False
+
+    def _stream_error(self, condition: str, text: str | None, *, report: bool = True) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if not self._header_seen:
+            self._send_header(to=None)
+        self._out.append(xml.stream_error(condition, text))
+        self._out.append(xml.STREAM_CLOSE)
+        self.phase = Phase.CLOSED
+        if report:
+            self._events.append(StreamEnded(condition=condition, text=text))
+
+    def _send_header(self, to: str | None) -> None:
+        self._header_seen = True
+        self.stream_id = base64.urlsafe_b64encode(self._entropy(STREAM_ID_BYTES)).decode()
+        self._out.append(
+            xml.stream_header(
+                from_=self.settings.domain,
+                to=to,
+                id_=self.stream_id,
+                lang=self.settings.lang,
+                content_ns=NS_CLIENT,
+            )
+        )
+
+    def _handle(self, parsed: object) -> None:
+        if isinstance(parsed, xml.StreamOpened):
+            self._on_stream_opened(parsed)
+        elif isinstance(parsed, xml.StanzaReceived):
+            self._on_element(parsed.element)
+        elif isinstance(parsed, xml.StreamClosed):
+            self._out.append(xml.STREAM_CLOSE)
+            self.phase = Phase.CLOSED
+            self._events.append(StreamEnded(by_peer=True))
+        elif isinstance(parsed, xml.ConnectionClosed):
+            self.phase = Phase.CLOSED
+            self._events.append(ConnectionLost())
+
+    def _on_stream_opened(self, opened: xml.StreamOpened) -> None:
+        if self._header_seen:
+            self._stream_error("not-well-formed", "a second stream header")
+            return
+        self._send_header(to=None)
+        if opened.content_ns != NS_CLIENT:
+            self._stream_error("invalid-namespace", "the content namespace must be jabber:client")
+            return
+        if not _version_ok(opened.version):
+            self._stream_error("unsupported-version", "XMPP 1.0 is required")
+            return
+        try:
+            to = JID.parse(opened.to or "")
+        except JIDError:
+            self._stream_error("host-unknown", "the stream header names no valid domain")
+            return
+        if to.local or to.resource or to.domain != self.settings.domain:
+            self._stream_error("host-unknown", f"this server serves {self.settings.domain}")
+            return
+        self._out.append(xml.serialize(self._features(), default_ns=NS_STREAMS))
+
+    def _features(self) -> ET.Element:
+        features = ET.Element(f"{{{NS_STREAMS}}}features")
+        if self.phase is Phase.PRE_TLS:
+            starttls = ET.SubElement(features, f"{{{NS_TLS}}}starttls")
+            ET.SubElement(starttls, f"{{{NS_TLS}}}required")
+        elif self.phase is Phase.PRE_AUTH:
+            mechanisms = ET.SubElement(features, f"{{{NS_SASL}}}mechanisms")
+            for name in offered_mechanisms(tls_active=self.tls_active):
+                ET.SubElement(mechanisms, f"{{{NS_SASL}}}mechanism").text = name
+        elif self.phase is Phase.PRE_BIND:
+            ET.SubElement(features, f"{{{NS_BIND}}}bind")
+            session = ET.SubElement(features, f"{{{NS_SESSION}}}session")
+            ET.SubElement(session, f"{{{NS_SESSION}}}optional")
+            features.extend(self.settings.post_auth_features)
+        return features
+
+    def _on_element(self, element: ET.Element) -> None:
+        if self.phase is Phase.PRE_TLS:
+            if element.tag == f"{{{NS_TLS}}}starttls":
+                if self._parser.has_pending_input:
+                    # Bytes sent after <starttls/> must not be taken as arriving under TLS
+                    # (the STARTTLS command-injection attack): refuse rather than proceed.
+                    self._stream_error("policy-violation", "data after <starttls/>")
+                    return
+                self._out.append(xml.serialize(ET.Element(f"{{{NS_TLS}}}proceed")))
+                self.phase = Phase.AWAIT_TLS
+                self._events.append(StartTls())
+            else:
+                self._stream_error("policy-violation", "STARTTLS is required first")
+        elif self.phase is Phase.PRE_AUTH:
+            self._on_sasl_element(element)
+        elif self.phase is Phase.PRE_BIND:
+            self._on_pre_bind(element)
+        elif self.phase is Phase.READY:
+            self._on_stanza(element)
+
+    # SASL ------------------------------------------------------------------------------
+
+    def _on_sasl_element(self, element: ET.Element) -> None:
+        tag = element.tag
+        if tag == f"{{{NS_SASL}}}auth":
+            mechanism = element.get("mechanism", "")
+            self._sasl = SaslServer(
+                mechanism,
+                lookup=self._lookup,
+                domain=self.settings.domain,
+                tls_active=self.tls_active,
+                server_nonce=server_nonce_from_entropy(self._entropy(18)),
+                unknown_user_secret=self._unknown_user_secret,
+            )
+            self._sasl_step(element)
+        elif tag == f"{{{NS_SASL}}}response" and self._sasl is not None:
+            self._sasl_step(element)
+        elif tag == f"{{{NS_SASL}}}abort" and self._sasl is not None:
+            self._sasl_result(self._sasl.abort())
+        elif tag.startswith(f"{{{NS_SASL}}}"):
+            self._sasl_result(SaslFailure("malformed-request", "no authentication in progress"))
+        else:
+            self._stream_error("not-authorized", "authenticate first")
+
+    def _sasl_step(self, element: ET.Element) -> None:
+        assert self._sasl is not None
+        try:
+            payload = decode_sasl_payload(element.text or "")
+        except SaslError as exc:
+            self._sasl_result(exc.failure)
+            return
+        self._sasl_result(self._sasl.step(payload))
+
+    def _sasl_result(self, result: SaslChallenge | SaslSuccess | SaslFailure) -> None:
+        sasl = self._sasl
+        mechanism = sasl.mechanism if sasl is not None else ""
+        if isinstance(result, SaslChallenge):
+            self._out.append(_sasl_element("challenge", result.data))
+        elif isinstance(result, SaslSuccess):
+            self._out.append(_sasl_element("success", result.additional_data))
+            self._sasl = None
+            self.username = result.username
+            self._events.append(AuthSucceeded(result.username, mechanism))
+            self._restart(Phase.PRE_BIND)
+        else:
+            failure = ET.Element(f"{{{NS_SASL}}}failure")
+            ET.SubElement(failure, f"{{{NS_SASL}}}{result.condition}")
+            self._out.append(xml.serialize(failure))
+            username = sasl.username if sasl is not None else None
+            self._sasl = None
+            self._events.append(AuthFailed(username, mechanism, result.condition))
+            self._auth_failures += 1
+            if self._auth_failures >= MAX_AUTH_ATTEMPTS:
+                self._stream_error("policy-violation", "too many failed authentication attempts")
+
+    # binding ---------------------------------------------------------------------------
+
+    def _on_pre_bind(self, element: ET.Element) -> None:
+        if kind(element) != "iq" or element.tag != f"{{{NS_CLIENT}}}iq":
+            self._stream_error("not-authorized", "bind a resource first")
+            return
+        if self._bind_iq is not None:
+            self._send(error_reply(element, "unexpected-request", text="a bind is in progress"))
+            return
+        payload = list(element)
+        if element.get("type") == "set" and len(payload) == 1:
+            if payload[0].tag == f"{{{NS_SESSION}}}session":
+                self._send(iq_result(_without_from(element)))
+                return
+            if payload[0].tag == f"{{{NS_BIND}}}bind":
+                self._on_bind(element, payload[0])
+                return
+        self._send(error_reply(element, "not-authorized", text="bind a resource first"))
+
+    def _on_bind(self, request: ET.Element, bind: ET.Element) -> None:
+        resource_el = bind.find(f"{{{NS_BIND}}}resource")
+        resource: str | None = None
+        if resource_el is not None and (resource_el.text or "").strip():
+            try:
+                resource = prepare_resourcepart(resource_el.text or "")
+            except JIDError:
+                self._send(error_reply(request, "bad-request", text="invalid resource"))
+                return
+        self._bind_iq = request
+        self._events.append(BindRequested(resource))
+
+    def _take_bind_request(self) -> ET.Element:
+        if self._bind_iq is None:
+            raise RuntimeError("no bind request is pending")
+        request, self._bind_iq = self._bind_iq, None
+        return request
+
+    # stanzas ---------------------------------------------------------------------------
+
+    def _on_stanza(self, stanza: ET.Element) -> None:
+        assert self.jid is not None
+        stanza_kind = kind(stanza)
+        if not stanza_kind or not stanza.tag.startswith(f"{{{NS_CLIENT}}}"):
+            self._stream_error("unsupported-stanza-type", f"{stanza.tag} is not a stanza")
+            return
+        sender = stanza.get("from")
+        if sender is not None and sender not in (str(self.jid), str(self.jid.bare)):
+            self._stream_error("invalid-from", "'from' must be your own JID")
+            return
+        stanza.set("from", str(self.jid))
+        if (to := stanza.get("to")) is not None:
+            try:
+                stanza.set("to", str(JID.parse(to)))
+            except JIDError as exc:
+                if stanza.get("type") != "error":
+                    self._send(_addressed_back(error_reply(stanza, "jid-malformed", text=str(exc))))
+                return
+        self._events.append(StanzaReceived(stanza, stanza_kind))
+
+
+def _sasl_element(name: str, data: bytes | None) -> bytes:
+    element = ET.Element(f"{{{NS_SASL}}}{name}")
+    if data is not None:
+        element.text = base64.b64encode(data).decode() if data else "="
+    return xml.serialize(element)
+
+
+def _version_ok(version: str | None) -> bool:
+    if not version:
+        return False
+    major, _, minor = version.partition(".")
+    return major.isdigit() and minor.isdigit() and int(major) >= 1
+
+
+def _without_from(stanza: ET.Element) -> ET.Element:
+    # Replies to negotiation iqs go to the client itself; it has no address yet to echo.
+    copy = ET.Element(stanza.tag, dict(stanza.attrib))
+    copy.attrib.pop("from", None)
+    copy.attrib.pop("to", None)
+    copy.extend(list(stanza))
+    return copy
+
+
+def _addressed_back(reply: ET.Element) -> ET.Element:
+    # An error for a malformed 'to' must not carry that 'to' back as our 'from'.
+    reply.attrib.pop("from", None)
+    return reply
