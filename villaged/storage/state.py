@@ -19,9 +19,9 @@ iterations, StoredKey, ServerKey], ...]}``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgpack
 
@@ -84,11 +84,41 @@ def unpack_account_secrets(data: bytes) -> AccountSecrets:
     return AccountSecrets(created=created, credentials=creds)
 
 
+class View(Protocol):
+    """One materialized view: owns some record types, applies them, and snapshots itself.
+
+    Feature modules (roster, offline, archive, …) define their views; the node hands them to
+    the store, which applies every record to the view that owns its type, in log order.
+    """
+
+    name: str  # its key in snapshots; stable forever
+    record_types: Mapping[str, int]  # record type -> newest schema version understood
+
+    def validate(self, rtype: str, body: Mapping[str, Any]) -> None:
+        """Raise StateError if ``body`` could not be applied (checked before appending)."""
+
+    def apply(self, rtype: str, body: Mapping[str, Any], unseal: Unseal) -> None: ...
+
+    def to_snapshot(self) -> Any: ...
+
+    def restore(self, data: Any, unseal: Unseal) -> None: ...
+
+
 class AccountsView:
     """Accounts by bare JID."""
 
+    name = "accounts"
+    record_types: Mapping[str, int] = {ACCOUNT_CREATE: 1, ACCOUNT_PASSWORD: 1, ACCOUNT_DELETE: 1}
+
     def __init__(self) -> None:
         self._accounts: dict[str, Account] = {}
+
+    def validate(self, rtype: str, body: Mapping[str, Any]) -> None:
+        text(body, "u")
+        if rtype != ACCOUNT_DELETE:
+            text(body, "id")
+            if not isinstance(body.get("s"), dict):
+                raise StateError(f"{rtype} has no sealed secrets")
 
     def get(self, jid: str) -> Account | None:
         return self._accounts.get(jid)
@@ -103,11 +133,11 @@ class AccountsView:
         return sorted(self._accounts)
 
     def apply(self, rtype: str, body: Mapping[str, Any], unseal: Unseal) -> None:
-        jid = _text(body, "u")
+        jid = text(body, "u")
         if rtype == ACCOUNT_DELETE:
             self._accounts.pop(jid, None)
             return
-        record_id = _text(body, "id")
+        record_id = text(body, "id")
         sealed = body.get("s")
         if not isinstance(sealed, dict):
             raise StateError(f"{rtype} for {jid} has no sealed secrets")
@@ -122,9 +152,9 @@ class AccountsView:
             [a.jid, a.sealed_type, a.sealed_id, dict(a.sealed)] for a in self._accounts.values()
         ]
 
-    def restore(self, rows: list[list[Any]], unseal: Unseal) -> None:
+    def restore(self, data: Any, unseal: Unseal) -> None:
         self._accounts.clear()
-        for jid, rtype, record_id, sealed in rows:
+        for jid, rtype, record_id, sealed in data or ():
             self._accounts[jid] = _load_account(jid, rtype, record_id, sealed, unseal)
 
 
@@ -140,78 +170,83 @@ def _load_account(
     return Account(jid, rtype, record_id, sealed, secrets)
 
 
-def _text(body: Mapping[str, Any], key: str) -> str:
+def text(body: Mapping[str, Any], key: str) -> str:
+    """``body[key]`` as non-empty text, else StateError naming the field."""
     value = body.get(key)
     if not isinstance(value, str) or not value:
         raise StateError(f"record body field {key!r} is missing or not text")
     return value
 
 
-# record type -> newest schema version this code understands
-_KNOWN_VERSIONS: Final = {ACCOUNT_CREATE: 1, ACCOUNT_PASSWORD: 1, ACCOUNT_DELETE: 1}
-
-
 class State:
     """All views, and the index of the last record applied to them."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_views: Sequence[View] = ()) -> None:
         self.accounts = AccountsView()
+        self.views: tuple[View, ...] = (self.accounts, *extra_views)
+        self._owner: dict[str, View] = {}
+        for view in self.views:
+            for rtype in view.record_types:
+                if rtype in self._owner:
+                    raise ValueError(f"record type {rtype!r} is owned by two views")
+                self._owner[rtype] = view
+        if len({v.name for v in self.views}) != len(self.views):
+            raise ValueError("two views share a name")
         self.applied_index = 0
         self.applied_term = 0
 
+    def view(self, name: str) -> View:
+        for view in self.views:
+            if view.name == name:
+                return view
+        raise KeyError(name)
+
     def validate(self, rtype: str, version: int, body: Mapping[str, Any]) -> None:
         """Check a record's shape before it is appended, so a durable record always applies."""
-        self._check_version(rtype, version)
-        _text(body, "u")
-        if rtype != ACCOUNT_DELETE:
-            _text(body, "id")
-            if not isinstance(body.get("s"), dict):
-                raise StateError(f"{rtype} has no sealed secrets")
+        self._owner_of(rtype, version).validate(rtype, body)
 
     def apply(self, rtype: str, version: int, body: Mapping[str, Any], unseal: Unseal) -> None:
-        self._check_version(rtype, version)
-        self.accounts.apply(rtype, body, unseal)
+        self._owner_of(rtype, version).apply(rtype, body, unseal)
 
-    @staticmethod
-    def _check_version(rtype: str, version: int) -> None:
-        newest = _KNOWN_VERSIONS.get(rtype)
-        if newest is None:
+    def _owner_of(self, rtype: str, version: int) -> View:
+        view = self._owner.get(rtype)
+        if view is None:
             raise StateError(f"unknown record type {rtype!r}")
+        newest = view.record_types[rtype]
         if version > newest:
             raise StateError(
                 f"record type {rtype!r} has schema version {version}; this villaged reads "
                 f"up to {newest} (was the data written by a newer villaged?)"
             )
+        return view
 
     def mark_applied(self, index: int, term: int) -> None:
         self.applied_index, self.applied_term = index, term
 
     def snapshot_bytes(self) -> bytes:
+        views = {view.name: view.to_snapshot() for view in self.views}
         packed: bytes = msgpack.packb(
-            {
-                "format": SNAPSHOT_FORMAT,
-                "applied": self.applied_index,
-                "accounts": self.accounts.to_snapshot(),
-            },
+            {"format": SNAPSHOT_FORMAT, "applied": self.applied_index, "views": views},
             use_bin_type=True,
         )
         return packed
 
-    @classmethod
-    def from_snapshot(cls, data: bytes, index: int, term: int, unseal: Unseal) -> State:
+    def restore(self, data: bytes, index: int, term: int, unseal: Unseal) -> None:
+        """Replace every view's contents with the snapshot taken at ``index``."""
         try:
             obj = msgpack.unpackb(data, raw=False)
-            fmt, applied, rows = obj["format"], obj["applied"], obj["accounts"]
+            fmt, applied, views = obj["format"], obj["applied"], obj["views"]
         except (ValueError, KeyError, TypeError) as exc:
             raise StateError(f"snapshot at index {index} is malformed: {exc}") from exc
         if fmt != SNAPSHOT_FORMAT:
             raise StateError(f"snapshot at index {index} has format {fmt}; expected 1")
         if applied != index:
             raise StateError(f"snapshot file says index {index} but its state says {applied}")
-        state = cls()
-        try:
-            state.accounts.restore(rows, unseal)
-        except (ValueError, TypeError) as exc:
-            raise StateError(f"snapshot at index {index} is malformed: {exc}") from exc
-        state.mark_applied(index, term)
-        return state
+        for view in self.views:
+            try:
+                view.restore(views.get(view.name), unseal)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise StateError(
+                    f"snapshot at index {index}: view {view.name!r} is malformed: {exc}"
+                ) from exc
+        self.mark_applied(index, term)

@@ -36,13 +36,14 @@ from villaged.storage.state import (
     ACCOUNT_PASSWORD,
     AccountSecrets,
     State,
+    View,
     pack_account_secrets,
 )
 from villaged.xmpp.jid import JID, JIDError
 from villaged.xmpp.scram import MECHANISMS, ScramCredential, derive_credential
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import AsyncIterator, Mapping, Sequence
     from pathlib import Path
 
     from villaged.config.model import StorageConfig
@@ -112,8 +113,9 @@ class Store:
     # ----- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, options: StoreOptions) -> Store:
-        """Open (creating if new) the data directory; recover the log; rebuild the views."""
+    def open(cls, options: StoreOptions, views: Sequence[View] = ()) -> Store:
+        """Open (creating if new) the data directory; recover the log; rebuild the views
+        (accounts, plus the feature ``views`` the node passes in)."""
         directory = options.directory
         _prepare_directory(directory)
         lock_fd = _lock_directory(directory)
@@ -126,7 +128,7 @@ class Store:
                 max_record_bytes=options.max_record_bytes,
             )
             try:
-                state = _rebuild_state(segment_log, vault)
+                state = _rebuild_state(segment_log, vault, views)
             except BaseException:
                 segment_log.close()
                 raise
@@ -322,20 +324,22 @@ def _derive_secrets(password: str) -> AccountSecrets:
     return AccountSecrets(created=int(time.time()), credentials=creds)
 
 
-def _rebuild_state(segment_log: SegmentLog, vault: crypto.UserKeyVault) -> State:
+def _rebuild_state(
+    segment_log: SegmentLog, vault: crypto.UserKeyVault, views: Sequence[View]
+) -> State:
     def unseal(rtype: str, user: str, record_id: str, envelope: Mapping[str, Any]) -> bytes:
         return crypto.unseal(vault, rtype, user, record_id, envelope)
 
+    state = State(views)
     snapshot = segment_log.latest_snapshot()
     if snapshot is not None:
-        state = State.from_snapshot(snapshot.data, snapshot.index, snapshot.term, unseal)
+        state.restore(snapshot.data, snapshot.index, snapshot.term, unseal)
     else:
         if segment_log.first_index > 1:
             raise StorageError(
                 f"log starts at index {segment_log.first_index} but there is no snapshot "
                 "covering the entries before it"
             )
-        state = State()
     for record in segment_log.scan(state.applied_index + 1):
         try:
             state.apply(record.type, record.version, record.body, unseal)
@@ -397,9 +401,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_store(options: StoreOptions) -> AsyncIterator[Store]:
+async def open_store(options: StoreOptions, views: Sequence[View] = ()) -> AsyncIterator[Store]:
     """Open the store with its writer running; close it on exit (for the CLI and tests)."""
-    store = await trio.to_thread.run_sync(Store.open, options)
+    store = await trio.to_thread.run_sync(Store.open, options, views)
     try:
         async with running_in_background(store.run, store.log.close):
             yield store
