@@ -67,7 +67,7 @@ def test_refusals() -> None:
         State([NotesView(), NotesView()])
     with pytest.raises(StateError, match="malformed"):
         state.restore(b"\xc1", 1, 0, no_unseal)
+    other = State([NotesView()])
+    other.mark_applied(5, 0)
     with pytest.raises(StateError, match="state says 5"):
-        other = State([NotesView()])
-        other.mark_applied(5, 0)
         state.restore(other.snapshot_bytes(), 1, 0, no_unseal)
