@@ -1,9 +1,10 @@
 """Wires a node: opens the store, starts the listeners, reports readiness, shuts down cleanly.
 
 This is the one place that builds a node's parts; tests build nodes through `run_node` too.
-Shutdown has one shape: on SIGTERM/SIGINT stop accepting and cancel the node's nursery (the
-store's shielded commits finish their batch first); the store is closed last, so every
-acknowledged write is on disk.
+Shutdown has one shape: on SIGTERM/SIGINT every client stream ends with <system-shutdown/>
+(a bounded wait for them), then the serving nursery is cancelled; the store's nursery outlives
+it and the log is closed last, so every acknowledged write is on disk. SIGHUP reloads the TLS
+certificate for new connections.
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from villaged import __version__
+from villaged.im import server_info
+from villaged.im.handlers import HandlerRegistry
+from villaged.im.router import Router
+from villaged.im.sessions import SessionRegistry
+from villaged.net.c2s import C2SContext, serve_c2s
 from villaged.net.http import Response, serve_http
+from villaged.net.tls import ALPN_XMPP_CLIENT, ServerTlsSpec, TlsConfigError, TlsContextHolder
 from villaged.ops.sdnotify import notify
 from villaged.storage.store import Store, StoreOptions
 
@@ -49,23 +57,53 @@ class StartupError(Exception):
     """The node cannot start; the message names the config key at fault."""
 
 
+SHUTDOWN_GRACE_S: Final = 5.0
+
+
+@dataclass
+class Node:
+    """The parts of a running node, for the signal handler and for tests."""
+
+    config: Config
+    store: Store
+    tls: TlsContextHolder
+    sessions: SessionRegistry
+    c2s: C2SContext
+    status: NodeStatus
+
+
+def build_tls(config: Config) -> TlsContextHolder:
+    specs = [_tls_spec(config, name) for name in ("c2s", "c2s_tls")]
+    try:
+        return TlsContextHolder(config.tls.cert, config.tls.key, specs)
+    except TlsConfigError as exc:
+        raise StartupError(f"{config.source}: tls: {exc}") from None
+
+
+def _tls_spec(config: Config, listener: str) -> ServerTlsSpec:
+    profile = config.listeners.by_name()[listener].profile(config.tls.profile)
+    alpn = (ALPN_XMPP_CLIENT,) if listener == "c2s_tls" else ()
+    return ServerTlsSpec(profile=profile, alpn_protocols=alpn)
+
+
 async def run_node(
     config: Config,
     *,
     handle_signals: bool = True,
-    task_status: trio.TaskStatus[NodeStatus] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    status = NodeStatus()
+    tls = build_tls(config)
     store = await trio.to_thread.run_sync(Store.open, StoreOptions.from_config(config.storage))
     try:
+        node = _assemble(config, store, tls)
         # Two nurseries: the store's outlives the serving one, so on shutdown every
         # connection task (and so every commit it started) is finished before the log closes.
         async with trio.open_nursery() as storage_nursery:
             await storage_nursery.start(store.run)
             try:
                 async with trio.open_nursery() as serving:
-                    await _start_listeners(config, status, serving)
-                    status.ready = True
+                    await _start_listeners(node, serving)
+                    node.status.ready = True
                     notify("READY=1")
                     log.info(
                         "node ready",
@@ -77,13 +115,11 @@ async def run_node(
                             "log_last_index": store.log.last_index,
                         },
                     )
-                    task_status.started(status)
+                    task_status.started(node)
                     if not handle_signals:
                         await trio.sleep_forever()
-                    await _wait_for_shutdown_signal()
-                    status.ready = False
-                    notify("STOPPING=1")
-                    log.info("shutting down", extra={"event": "node.stopping"})
+                    await _serve_signals(node)
+                    await _shut_down(node)
                     serving.cancel_scope.cancel()
             finally:
                 store.log.close()
@@ -92,26 +128,113 @@ async def run_node(
         log.info("node stopped", extra={"event": "node.stopped"})
 
 
-async def _start_listeners(config: Config, status: NodeStatus, nursery: trio.Nursery) -> None:
+def _assemble(config: Config, store: Store, tls: TlsContextHolder) -> Node:
+    domain = config.server.domain
+    sessions = SessionRegistry()
+    handlers = HandlerRegistry()
+    server_info.register(handlers)
+    router = Router(
+        domain,
+        sessions=sessions,
+        handlers=handlers,
+        user_exists=lambda jid: str(jid) in store.state.accounts,
+    )
+    c2s = C2SContext(
+        domain=domain,
+        limits=config.c2s,
+        store=store,
+        sessions=sessions,
+        handlers=handlers,
+        router=router,
+        unknown_user_secret=store.node_secret("sasl_unknown_user"),
+    )
+    return Node(config, store, tls, sessions, c2s, NodeStatus())
+
+
+async def _start_listeners(node: Node, nursery: trio.Nursery) -> None:
+    config = node.config
     for endpoint in config.listeners.http.bind:
-        try:
-            listeners = await nursery.start(serve_http, endpoint.host, endpoint.port, status.route)
-        except OSError as exc:
-            raise StartupError(
-                f"{config.source}: listeners.http.bind: cannot listen on {endpoint}: "
-                f"{exc.strerror or exc}"
-            ) from None
-        status.http_ports.extend(lst.socket.getsockname()[1] for lst in listeners)
+        listeners = await _listen(
+            config,
+            "http",
+            endpoint,
+            nursery,
+            serve_http,
+            endpoint.host,
+            endpoint.port,
+            node.status.route,
+        )
+        node.status.http_ports.extend(lst.socket.getsockname()[1] for lst in listeners)
+    for name, direct_tls in (("c2s", False), ("c2s_tls", True)):
+        source = node.tls.source(_tls_spec(config, name))
+        for endpoint in config.listeners.by_name()[name].bind:
+            await _listen(
+                config,
+                name,
+                endpoint,
+                nursery,
+                partial(serve_c2s, direct_tls=direct_tls),
+                node.c2s,
+                endpoint.host,
+                endpoint.port,
+                source,
+            )
 
 
-async def _wait_for_shutdown_signal() -> None:
+async def _listen(
+    config: Config, name: str, endpoint: object, nursery: trio.Nursery, serve: Any, *args: Any
+) -> list[trio.SocketListener]:
+    try:
+        listeners: list[trio.SocketListener] = await nursery.start(serve, *args)
+    except OSError as exc:
+        raise StartupError(
+            f"{config.source}: listeners.{name}.bind: cannot listen on {endpoint}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    return listeners
+
+
+async def _shut_down(node: Node) -> None:
+    """Stop serving: every client gets <system-shutdown/>, with a bounded wait for them."""
+    node.status.ready = False
+    notify("STOPPING=1")
+    log.info("shutting down", extra={"event": "node.stopping", "sessions": len(node.sessions)})
+    for session in node.sessions.all():
+        session.terminate("system-shutdown", "the server is shutting down")
+    with trio.move_on_after(SHUTDOWN_GRACE_S):
+        await node.sessions.wait_empty()
+
+
+async def _serve_signals(node: Node) -> None:
+    """Handle SIGHUP (reload certificates for new connections) until SIGTERM or SIGINT."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                # Nothing reloadable yet; certificates and config reload arrive with listeners.
-                log.info("reload requested", extra={"event": "node.reload", "security": True})
+                _reload(node)
                 continue
             log.info(
                 "signal", extra={"event": "node.signal", "signal": signal.Signals(signum).name}
             )
             return
+
+
+def _reload(node: Node) -> None:
+    notify("RELOADING=1")
+    try:
+        summary = node.tls.reload()
+    except TlsConfigError as exc:
+        log.error(
+            "reload failed; keeping the current certificate",
+            extra={"event": "node.reload_failed", "security": True, "error": str(exc)},
+        )
+    else:
+        log.info(
+            "certificate reloaded",
+            extra={
+                "event": "node.reload",
+                "security": True,
+                "certificate": summary.sha256_fingerprint,
+                "not_valid_after": str(summary.not_valid_after),
+            },
+        )
+    notify("READY=1")

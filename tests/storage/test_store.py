@@ -345,3 +345,20 @@ async def test_missing_data_key_is_reported(
     assert events
     assert getattr(events[0], "user", None) == "alice@example.org"
     assert getattr(events[0], "security", None) is True
+
+
+def test_node_secret_is_made_once_and_kept(options: StoreOptions) -> None:
+    store = Store.open(options)
+    try:
+        first = store.node_secret("sasl_unknown_user")
+        assert len(first) == 32
+        assert store.node_secret("sasl_unknown_user") == first
+        path = options.directory / "secrets" / "sasl_unknown_user"
+        assert path.stat().st_mode & 0o777 == 0o600
+        path.write_bytes(b"short")
+        with pytest.raises(DataDirError, match="damaged"):
+            store.node_secret("sasl_unknown_user")
+        with pytest.raises(ValueError, match="bad secret name"):
+            store.node_secret("../x")
+    finally:
+        store.close()

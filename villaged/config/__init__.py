@@ -6,6 +6,7 @@ the section dataclasses.
 
 from villaged.config.loader import ConfigError, check_config_files, load_config, read_section
 from villaged.config.model import (
+    C2SConfig,
     Config,
     Endpoint,
     HttpListenerConfig,
@@ -20,6 +21,7 @@ from villaged.config.model import (
 )
 
 __all__ = [
+    "C2SConfig",
     "Config",
     "ConfigError",
     "Endpoint",

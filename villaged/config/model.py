@@ -207,6 +207,30 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class C2SConfig:
+    """``[c2s]``: limits for client connections (STARTTLS and direct TLS alike)."""
+
+    max_stanza_bytes: int = field(default=256 * KiB, metadata=setting(min=10 * KiB, max=16 * MiB))
+    max_depth: int = field(default=32, metadata=setting(min=4, max=256))
+    max_attributes: int = field(default=64, metadata=setting(min=8, max=1024))
+    handshake_timeout: int = field(default=10, metadata=setting(min=1, max=300))
+    negotiation_timeout: int = field(default=60, metadata=setting(min=5, max=600))
+    idle_timeout: int = field(default=300, metadata=setting(min=10, max=86_400))
+    bytes_per_second: int = field(default=64 * KiB, metadata=setting(min=1 * KiB, max=1 * GiB))
+    burst_bytes: int = field(default=512 * KiB, metadata=setting(min=16 * KiB, max=1 * GiB))
+    max_connections_per_ip: int = field(default=100, metadata=setting(min=1, max=1_000_000))
+    send_queue: int = field(default=512, metadata=setting(min=16, max=100_000))
+
+    def validate(self, name: Callable[[str], str]) -> None:
+        if self.burst_bytes < self.max_stanza_bytes:
+            raise SettingError(
+                name("burst_bytes"),
+                f"must be at least {name('max_stanza_bytes')} ({self.max_stanza_bytes}) so "
+                f"a stanza of the largest allowed size can arrive, got {self.burst_bytes}",
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class TlsConfig:
     """``[tls]``: the certificate every TLS listener presents, and the default profile."""
 
@@ -295,5 +319,6 @@ class Config:
     tls: TlsConfig
     storage: StorageConfig = field(default_factory=StorageConfig)
     listeners: ListenersConfig = field(default_factory=ListenersConfig)
+    c2s: C2SConfig = field(default_factory=C2SConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path = field(default=Path("villaged.toml"), metadata=not_a_key())

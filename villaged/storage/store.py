@@ -264,6 +264,31 @@ class Store:
         await self.log.save_snapshot(index, term, data)
         self._snapshot_index = index
 
+    def node_secret(self, name: str) -> bytes:
+        """A random 32-byte secret kept in DIR/secrets/NAME (mode 0600), made on first use and
+        stable across restarts (e.g. the key behind SASL's fake salts for unknown users)."""
+        if not name.isidentifier():
+            raise ValueError(f"bad secret name {name!r}")
+        directory = self.options.directory / "secrets"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        path = directory / name
+        try:
+            secret = path.read_bytes()
+        except FileNotFoundError:
+            tmp = directory / f"{name}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, os.urandom(32))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            tmp.replace(path)
+            _fsync_dir(directory)
+            secret = path.read_bytes()
+        if len(secret) != 32:
+            raise DataDirError(f"{path} is damaged: expected 32 bytes, found {len(secret)}")
+        return secret
+
     # ----- accounts ------------------------------------------------------------------------
 
     def local_user(self, jid: str, domain: str) -> str:

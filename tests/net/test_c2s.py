@@ -1,0 +1,217 @@
+"""Client connections end to end, in process: real sockets, real TLS, the node assembled by
+app.run_node exactly as `villaged run` does."""
+
+from __future__ import annotations
+
+import ssl
+from datetime import UTC, datetime
+from functools import partial
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from tests.net.rawclient import RawClient, header
+from tests.ports import free_port_base
+from villaged.app import Node, _shut_down, run_node
+from villaged.config import load_config
+from villaged.ops.provision import init_dev
+from villaged.storage.store import StoreOptions, open_store
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+STANZA_ERRORS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+
+class Harness:
+    def __init__(self, node: Node, base: int, ca_file: Path) -> None:
+        self.node = node
+        self.c2s = base
+        self.c2s_tls = base + 1
+        self.ca_file = ca_file
+        self.clients: list[RawClient] = []
+
+    async def client(self, *, direct_tls: bool = False) -> RawClient:
+        port = self.c2s_tls if direct_tls else self.c2s
+        client = await RawClient.connect(port, self.ca_file, direct_tls=direct_tls)
+        self.clients.append(client)
+        return client
+
+    async def logged_in(
+        self, user: str, *, direct_tls: bool = False, resource: str = "r"
+    ) -> RawClient:
+        client = await self.client(direct_tls=direct_tls)
+        await client.login(user, f"{user}-password", resource=resource, starttls=not direct_tls)
+        await client.send(b"<presence/>")
+        return client
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harness]:
+    base = free_port_base()
+    result = init_dev(tmp_path / "n", port_base=base, now=datetime.now(UTC))
+    text = (
+        result.config.read_text()
+        + "\n[c2s]\nhandshake_timeout = 1\nmax_connections_per_ip = 3000\n"
+    )
+    result.config.write_text(text)
+    config = load_config(result.config)
+    async with open_store(StoreOptions.from_config(config.storage)) as store:
+        for user in ("alice", "bob", "carol"):
+            await store.add_user(f"{user}@localhost", f"{user}-password")
+    node = await nursery.start(partial(run_node, config, handle_signals=False))
+    harness = Harness(node, base, config.tls.cert)
+    yield harness
+    for client in harness.clients:
+        await client.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def chat_works(h: Harness, sender: RawClient, receiver: RawClient, text: str) -> None:
+    body = text.replace("&", "&amp;").replace("<", "&lt;")
+    await sender.send(
+        f"<message to='bob@localhost' type='chat'><body>{body}</body></message>".encode()
+    )
+    got = await receiver.element()
+    assert got.tag == "{jabber:client}message"
+    assert got.findtext("{jabber:client}body") == text
+
+
+async def test_chat_over_starttls_and_direct_tls(harness: Harness) -> None:
+    alice = await harness.logged_in("alice")
+    bob = await harness.logged_in("bob", direct_tls=True)
+    text = "héllo ✓ <&>'\""
+    await alice.send(
+        b"<message to='Bob@LOCALHOST' type='chat' id='m1'><body>h\xc3\xa9llo \xe2\x9c\x93 "
+        b"&lt;&amp;&gt;'\"</body></message>"
+    )
+    got = await bob.element()
+    assert got.get("from") == "alice@localhost/r"
+    assert got.get("to") == "bob@localhost"
+    assert got.findtext("{jabber:client}body") == text
+    await bob.send(b"<message to='alice@localhost/r' type='chat'><body>back</body></message>")
+    back = await alice.element()
+    assert back.get("from") == "bob@localhost/r"
+    assert back.findtext("{jabber:client}body") == "back"
+    for client in (alice, bob):
+        await client.send(b"</stream:stream>")
+        assert await client.next() is None
+
+
+async def test_wrong_password_and_unknown_user_are_refused(harness: Harness) -> None:
+    for user, password in (("alice", "nope"), ("mallory", "whatever")):
+        client = await harness.client()
+        with pytest.raises(PermissionError, match="not-authorized"):
+            await client.login(user, password)
+        await client.aclose()
+
+
+async def test_server_answers_ping_disco_version_and_bounces_unknown_users(
+    harness: Harness,
+) -> None:
+    alice = await harness.logged_in("alice")
+    await alice.send(b"<iq type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    pong = await alice.element()
+    assert (pong.get("type"), pong.get("id")) == ("result", "p1")
+    await alice.send(
+        b"<iq type='get' id='d1' to='localhost'>"
+        b"<query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+    )
+    info = await alice.element()
+    features = {f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")}
+    assert {
+        "urn:xmpp:ping",
+        "jabber:iq:version",
+        "http://jabber.org/protocol/disco#info",
+    } <= features
+    await alice.send(
+        b"<iq type='get' id='v1' to='localhost'><query xmlns='jabber:iq:version'/></iq>"
+    )
+    version = await alice.element()
+    assert version.findtext(".//{jabber:iq:version}name") == "villaged"
+    await alice.send(b"<iq type='get' id='x1' to='localhost'><query xmlns='urn:nothing'/></iq>")
+    unknown = await alice.element()
+    assert unknown.find(f".//{{{STANZA_ERRORS}}}service-unavailable") is not None
+    await alice.send(b"<message to='nobody@localhost' id='m9' type='chat'><body>x</body></message>")
+    bounce = await alice.element()
+    assert bounce.get("type") == "error"
+    assert bounce.get("id") == "m9"
+    assert bounce.find(f".//{{{STANZA_ERRORS}}}service-unavailable") is not None
+
+
+@pytest.mark.parametrize(
+    ("stage", "payload", "condition"),
+    [
+        ("bound", b"<message><body>unclosed</bod></message>", "not-well-formed"),
+        ("bound", b"<!-- a comment -->", "restricted-xml"),
+        ("bound", b"<?pi data?>", "restricted-xml"),
+        ("bound", b"<message><body>" + b"x" * 300_000 + b"</body></message>", "policy-violation"),
+        ("tls", b"<message to='bob@localhost'><body>early</body></message>", "not-authorized"),
+        ("open", b"<message to='bob@localhost'><body>early</body></message>", "policy-violation"),
+    ],
+)
+async def test_bad_input_ends_only_that_stream(
+    harness: Harness, stage: str, payload: bytes, condition: str
+) -> None:
+    alice = await harness.logged_in("alice")
+    bob = await harness.logged_in("bob")
+    if stage == "bound":
+        bad = await harness.logged_in("carol")
+    else:
+        bad = await harness.client(direct_tls=stage == "tls")
+        await bad.send(header())
+        await bad.element()  # features
+    await bad.send(payload)
+    assert await bad.stream_error() == condition
+    assert await bad.next() is None
+    await chat_works(harness, alice, bob, "still here")
+
+
+async def test_bad_sasl_base64_is_a_sasl_failure(harness: Harness) -> None:
+    client = await harness.client(direct_tls=True)
+    await client.send(header())
+    await client.element()
+    await client.send(f"<auth xmlns='{SASL}' mechanism='PLAIN'>!!!notbase64</auth>".encode())
+    failure = await client.element()
+    assert failure.tag == f"{{{SASL}}}failure"
+    assert failure.find(f"{{{SASL}}}incorrect-encoding") is not None
+
+
+async def test_connections_that_never_finish_tls_are_dropped(harness: Harness) -> None:
+    alice = await harness.logged_in("alice")
+    bob = await harness.logged_in("bob")
+    idle = [await trio.open_tcp_stream("127.0.0.1", harness.c2s_tls) for _ in range(1000)]
+    await chat_works(harness, alice, bob, "while 1000 sockets hang")
+    with trio.fail_after(10):  # handshake_timeout is 1 s in this node
+        for sock in idle:
+            assert await sock.receive_some(1) == b""
+            await sock.aclose()
+    await chat_works(harness, alice, bob, "after they were dropped")
+
+
+async def test_plain_text_on_the_direct_tls_port_is_dropped(harness: Harness) -> None:
+    sock = await trio.open_tcp_stream("127.0.0.1", harness.c2s_tls)
+    await sock.send_all(header())
+    with trio.fail_after(5):
+        data = await sock.receive_some(100)
+    assert data == b"" or not data.startswith(b"<")  # never XMPP in the clear
+    await sock.aclose()
+
+
+async def test_shutdown_sends_system_shutdown(harness: Harness) -> None:
+    alice = await harness.logged_in("alice")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_shut_down, harness.node)
+        assert await alice.stream_error() == "system-shutdown"
+    assert len(harness.node.sessions) == 0
+
+
+async def test_tls_certificate_is_verified_by_clients(harness: Harness, tmp_path: Path) -> None:
+    other = init_dev(tmp_path / "other", now=datetime.now(UTC))
+    wrong_ca = other.directory / "tls" / "cert.pem"
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await RawClient.connect(harness.c2s_tls, wrong_ca, direct_tls=True)
+    assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)

@@ -1,0 +1,373 @@
+"""The c2s driver: moves bytes between client sockets and the sans-I/O stream machine.
+
+One ``C2SConnection`` per accepted socket, in the listener's handler nursery (hypercorn's
+shape): TLS handshake under ``fail_after``; reads under the negotiation deadline until a
+resource is bound, then under the idle timeout (a silent client is pinged once, then
+dropped); writes behind one lock from both the reader and the writer task. Outbound stanzas
+from other sessions arrive through a small bounded channel; a client too slow to drain it is
+disconnected instead of holding memory for everyone else.
+
+Inbound bytes pass a token bucket (``c2s.bytes_per_second`` refilling ``c2s.burst_bytes``);
+a client that sends faster than that for longer than the burst covers is disconnected with
+``policy-violation``. Connections per IP are capped before any TLS work is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from villaged.im.sessions import Session
+from villaged.xmpp import c2s as core
+from villaged.xmpp.jid import JID
+from villaged.xmpp.xml import XmlLimits
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from villaged.config import C2SConfig
+    from villaged.im.handlers import HandlerRegistry
+    from villaged.im.router import Router
+    from villaged.im.sessions import SessionRegistry
+    from villaged.net.tls import TlsContextSource
+    from villaged.storage.store import Store
+    from villaged.xmpp.scram import ScramCredential
+
+log = logging.getLogger("villaged.net.c2s")
+
+READ_CHUNK: Final = 16 * 1024
+WRITE_TIMEOUT_S: Final = 30.0
+CLOSE_TIMEOUT_S: Final = 2.0
+_ping_ids = itertools.count(1)
+
+
+class TokenBucket:
+    """Bytes allowance: ``rate`` per second up to ``burst``; time is passed in."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.updated = now
+
+    def take(self, amount: int, now: float) -> bool:
+        """Spend ``amount``; False when that overdraws the bucket (the sender is too fast)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        self.tokens -= amount
+        return self.tokens >= 0
+
+
+@dataclass
+class C2SContext:
+    """What every client connection needs; built once per node by app.py."""
+
+    domain: str
+    limits: C2SConfig
+    store: Store
+    sessions: SessionRegistry
+    handlers: HandlerRegistry
+    router: Router
+    unknown_user_secret: bytes
+    connections_per_ip: dict[str, int] = field(default_factory=dict)
+
+    def stream_settings(self) -> core.StreamSettings:
+        return core.StreamSettings(
+            domain=self.domain,
+            limits=XmlLimits(
+                max_stanza_bytes=self.limits.max_stanza_bytes,
+                max_depth=self.limits.max_depth,
+                max_attributes=self.limits.max_attributes,
+            ),
+            post_auth_features=tuple(self.handlers.stream_features),
+        )
+
+
+async def serve_c2s(
+    ctx: C2SContext,
+    host: str,
+    port: int,
+    tls: TlsContextSource,
+    *,
+    direct_tls: bool,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    kind = "c2s_tls" if direct_tls else "c2s"
+    log.info("listening", extra={"event": "c2s.listening", "listener": kind, "port": port})
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await C2SConnection(ctx, stream, tls, direct_tls=direct_tls).run()
+
+    await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+
+class C2SConnection:
+    def __init__(
+        self, ctx: C2SContext, tcp: trio.SocketStream, tls: TlsContextSource, *, direct_tls: bool
+    ) -> None:
+        self.ctx = ctx
+        self.tcp = tcp
+        self.transport: trio.abc.Stream = tcp
+        self.tls = tls
+        self.direct_tls = direct_tls
+        self.peer = _peer_ip(tcp)
+        self.stream = core.C2SStream(
+            ctx.stream_settings(),
+            lookup=self._credentials,
+            entropy=os.urandom,
+            unknown_user_secret=ctx.unknown_user_secret,
+            direct_tls=direct_tls,
+        )
+        self.session: Session | None = None
+        self._send_lock = trio.StrictFIFOLock()
+        self._outbox_send, self._outbox_receive = trio.open_memory_channel[ET.Element](
+            ctx.limits.send_queue
+        )
+        self._scope = trio.CancelScope()
+        self._terminate: tuple[str, str] | None = None
+        self._bucket = TokenBucket(
+            ctx.limits.bytes_per_second, ctx.limits.burst_bytes, trio.current_time()
+        )
+
+    def _credentials(self, username: str) -> Mapping[str, ScramCredential] | None:
+        return self.ctx.store.credentials(f"{username}@{self.ctx.domain}")
+
+    # ----- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        count = self.ctx.connections_per_ip.get(self.peer, 0)
+        if count >= self.ctx.limits.max_connections_per_ip:
+            _security("too many connections from one address", "c2s.too_many_connections", self)
+            with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
+                cleanup.shield = True
+                await self.tcp.aclose()
+            return
+        self.ctx.connections_per_ip[self.peer] = count + 1
+        try:
+            with self._scope:
+                if self.direct_tls and not await self._start_tls():
+                    return
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_outbox)
+                    await self._read_until_closed()
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
+                cleanup.shield = True
+                await self._finish()
+            remaining = self.ctx.connections_per_ip[self.peer] - 1
+            if remaining:
+                self.ctx.connections_per_ip[self.peer] = remaining
+            else:
+                del self.ctx.connections_per_ip[self.peer]
+
+    def terminate(self, condition: str, text: str) -> None:
+        """End this stream with a stream error (from another task: a newer login, shutdown,
+        a full send queue). Idempotent."""
+        if self._terminate is None:
+            self._terminate = (condition, text)
+            self._scope.cancel()
+
+    async def _finish(self) -> None:
+        if self.session is not None:
+            self.ctx.sessions.remove(self.session)
+            self.ctx.router.session_ended(self.session)
+        if self._terminate is not None:
+            condition, text = self._terminate
+            self.stream.fail(condition, text)
+            log.info(
+                "stream ended by server",
+                extra={"event": "c2s.stream_error", "condition": condition, "peer": self.peer},
+            )
+        else:
+            self.stream.close()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._flush()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.transport.aclose()
+        log.debug("closed", extra={"event": "c2s.closed", "peer": self.peer})
+
+    # ----- reading -----------------------------------------------------------------------
+
+    async def _read_until_closed(self) -> None:
+        negotiation_deadline = trio.current_time() + self.ctx.limits.negotiation_timeout
+        pinged = False
+        while True:
+            bound = self.session is not None
+            deadline = (
+                trio.current_time() + self.ctx.limits.idle_timeout
+                if bound
+                else negotiation_deadline
+            )
+            with trio.move_on_at(deadline):
+                try:
+                    data = await self.transport.receive_some(READ_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                pinged = False
+                if not self._bucket.take(len(data), trio.current_time()):
+                    _security("client sends faster than allowed", "c2s.rate_limited", self)
+                    self.terminate("policy-violation", "sending faster than allowed")
+                    return
+                if not await self._process(bytes(data)):
+                    return
+                continue
+            if not bound:
+                self.terminate("connection-timeout", "negotiation took too long")
+                return
+            if pinged:
+                self.terminate("connection-timeout", "no answer to ping")
+                return
+            pinged = True
+            await self._ping()
+
+    async def _process(self, data: bytes) -> bool:
+        """Feed bytes to the stream and act on its events; False once the stream is over."""
+        self.stream.receive_data(data)
+        while True:
+            event = self.stream.next_event()
+            if event is core.NEED_DATA:
+                break
+            if isinstance(event, core.StanzaReceived):
+                assert self.session is not None
+                await self.ctx.router.from_client(self.session, event.stanza, event.kind)
+            elif isinstance(event, core.StartTls):
+                await self._flush()
+                if not await self._start_tls():
+                    return False
+                self.stream.tls_established()
+            elif isinstance(event, core.AuthSucceeded):
+                log.info(
+                    "authenticated",
+                    extra={
+                        "event": "c2s.auth_succeeded",
+                        "user": f"{event.username}@{self.ctx.domain}",
+                        "mechanism": event.mechanism,
+                        "peer": self.peer,
+                    },
+                )
+            elif isinstance(event, core.AuthFailed):
+                log.warning(
+                    "authentication failed",
+                    extra={
+                        "event": "c2s.auth_failed",
+                        "security": True,
+                        "user": f"{event.username}@{self.ctx.domain}" if event.username else None,
+                        "mechanism": event.mechanism,
+                        "condition": event.condition,
+                        "peer": self.peer,
+                    },
+                )
+            elif isinstance(event, core.BindRequested):
+                self._bind(event.resource)
+            elif isinstance(event, core.StreamEnded):
+                if event.condition is not None:
+                    log.info(
+                        "stream error",
+                        extra={
+                            "event": "c2s.stream_error",
+                            "condition": event.condition,
+                            "text": event.text,
+                            "peer": self.peer,
+                            "security": event.condition in _SECURITY_CONDITIONS,
+                        },
+                    )
+                await self._flush()
+                return False
+            elif isinstance(event, core.ConnectionLost):
+                return False
+        await self._flush()
+        return True
+
+    def _bind(self, resource: str | None) -> None:
+        username = self.stream.username
+        assert username is not None
+        bare = JID(username, self.ctx.domain)
+        if resource is None:
+            resource = f"villaged-{os.urandom(6).hex()}"
+        full = JID(bare.local, bare.domain, resource)
+        session = Session(jid=full, enqueue=self._enqueue, terminate=self.terminate)
+        replaced = self.ctx.sessions.add(session)
+        if replaced is not None:
+            replaced.terminate("conflict", "replaced by a new login with the same resource")
+        self.session = session
+        self.stream.complete_bind(full)
+        log.info("bound", extra={"event": "c2s.bound", "jid": str(full), "peer": self.peer})
+
+    async def _start_tls(self) -> bool:
+        ssl_stream = trio.SSLStream(self.tcp, self.tls.context, server_side=True)
+        try:
+            with trio.fail_after(self.ctx.limits.handshake_timeout):
+                await ssl_stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+            reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else "failed"
+            _security(f"TLS handshake {reason}", "c2s.tls_failed", self)
+            self.stream.phase = core.Phase.CLOSED  # nothing more may be sent in the clear
+            return False
+        self.transport = ssl_stream
+        return True
+
+    async def _ping(self) -> None:
+        assert self.session is not None
+        ping = ET.Element(
+            "{jabber:client}iq",
+            {
+                "type": "get",
+                "id": f"ping-{next(_ping_ids)}",
+                "from": self.ctx.domain,
+                "to": str(self.session.jid),
+            },
+        )
+        ET.SubElement(ping, "{urn:xmpp:ping}ping")
+        self.stream.send_stanza(ping)
+        await self._flush()
+
+    # ----- writing -----------------------------------------------------------------------
+
+    def _enqueue(self, stanza: ET.Element) -> bool:
+        try:
+            self._outbox_send.send_nowait(stanza)
+        except trio.WouldBlock:
+            return False
+        except trio.ClosedResourceError:
+            return True  # the connection is closing; the stanza is as good as dropped
+        return True
+
+    async def _write_outbox(self) -> None:
+        async for stanza in self._outbox_receive:
+            self.stream.send_stanza(stanza)
+            try:
+                await self._flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            data = self.stream.data_to_send()
+            if data:
+                with trio.fail_after(WRITE_TIMEOUT_S):
+                    await self.transport.send_all(data)
+
+
+_SECURITY_CONDITIONS: Final = frozenset(
+    {"restricted-xml", "policy-violation", "not-authorized", "invalid-from", "not-well-formed"}
+)
+
+
+def _security(message: str, event: str, conn: C2SConnection) -> None:
+    log.warning(message, extra={"event": event, "security": True, "peer": conn.peer})
+
+
+def _peer_ip(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "unknown"
+    return str(address[0]) if isinstance(address, tuple) else str(address)
