@@ -19,7 +19,10 @@ import trio
 
 from villaged import __version__
 from villaged.im import server_info
+from villaged.im.context import ImContext
 from villaged.im.handlers import HandlerRegistry
+from villaged.im.messages import Messages
+from villaged.im.presence import Presence
 from villaged.im.router import Router
 from villaged.im.sessions import SessionRegistry
 from villaged.net.c2s import C2SContext, serve_c2s
@@ -132,13 +135,9 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder) -> Node:
     domain = config.server.domain
     sessions = SessionRegistry()
     handlers = HandlerRegistry()
+    im = ImContext(domain, store, sessions, handlers)
     server_info.register(handlers)
-    router = Router(
-        domain,
-        sessions=sessions,
-        handlers=handlers,
-        user_exists=lambda jid: str(jid) in store.state.accounts,
-    )
+    router = Router(im, messages=Messages(im), presence=Presence(im))
     c2s = C2SContext(
         domain=domain,
         limits=config.c2s,

@@ -178,7 +178,7 @@ class C2SConnection:
     async def _finish(self) -> None:
         if self.session is not None:
             self.ctx.sessions.remove(self.session)
-            self.ctx.router.session_ended(self.session)
+            await self.ctx.router.session_ended(self.session)
         if self._terminate is not None:
             condition, text = self._terminate
             self.stream.fail(condition, text)

@@ -162,6 +162,20 @@ class Store:
     def _unseal(self, rtype: str, user: str, record_id: str, envelope: Mapping[str, Any]) -> bytes:
         return crypto.unseal(self.vault, rtype, user, record_id, envelope)
 
+    async def sealed_body(self, rtype: str, user: str, plaintext: bytes) -> dict[str, Any]:
+        """A record body ``{"u": user, "id": new record id, "s": envelope}`` whose payload is
+        sealed under ``user``'s data key (made on first use, off the event loop)."""
+        record_id = crypto.new_record_id()
+        envelope = await trio.to_thread.run_sync(
+            crypto.seal, self.vault, rtype, user, record_id, plaintext
+        )
+        return {"u": user, "id": record_id, "s": envelope}
+
+    def unseal_body(self, rtype: str, body: Mapping[str, Any]) -> bytes:
+        """The plaintext of a body made by ``sealed_body`` (ShreddedError if its user's key
+        was destroyed)."""
+        return crypto.unseal(self.vault, rtype, body["u"], body["id"], body["s"])
+
     def _finish_pending_shredding(self) -> None:
         for user in self.vault.users():
             if user not in self.state.accounts:
@@ -333,12 +347,8 @@ class Store:
 
     async def _write_credentials(self, rtype: str, jid: str, password: str) -> None:
         secrets = await trio.to_thread.run_sync(_derive_secrets, password)
-        record_id = crypto.new_record_id()
-        plaintext = pack_account_secrets(secrets)
-        sealed = await trio.to_thread.run_sync(
-            crypto.seal, self.vault, rtype, jid, record_id, plaintext
-        )
-        await self.commit(Record(rtype, {"u": jid, "id": record_id, "s": sealed}))
+        body = await self.sealed_body(rtype, jid, pack_account_secrets(secrets))
+        await self.commit(Record(rtype, body))
 
 
 def _derive_secrets(password: str) -> AccountSecrets:
