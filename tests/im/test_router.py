@@ -66,3 +66,12 @@ async def test_own_resources_see_presence_and_departure(tmp_path: Path) -> None:
         assert got.findtext("{jabber:client}show") == "away"
         await h.disconnect(two)
         assert one.only().get("type") == "unavailable"
+
+
+async def test_iq_to_another_account_goes_to_contact_handlers(tmp_path: Path) -> None:
+    async with im_harness(tmp_path) as h:
+        alice = h.connect("alice")
+        await h.send(alice, "<iq type='get' id='1' to='bob@example.org'><q xmlns='x:y'/></iq>")
+        assert alice.only().find(f".//{ERR}service-unavailable") is not None
+        await h.send(alice, "<iq type='get' id='2' to='nobody@example.org'><q xmlns='x:y'/></iq>")
+        assert alice.only().find(f".//{ERR}service-unavailable") is not None

@@ -25,6 +25,8 @@ class HandlerRegistry:
     server_iq: dict[str, IqHandler] = field(default_factory=dict)
     # payload namespace -> handler, for iqs to the sender's own bare JID (or with no 'to')
     account_iq: dict[str, IqHandler] = field(default_factory=dict)
+    # payload namespace -> handler, for iqs to ANOTHER local account's bare JID (e.g. vCard)
+    contact_iq: dict[str, IqHandler] = field(default_factory=dict)
     # disco#info features of the server (and, for PEP-like features, of accounts)
     server_features: set[str] = field(default_factory=set)
     account_features: set[str] = field(default_factory=set)
@@ -35,6 +37,10 @@ class HandlerRegistry:
         self.server_iq[namespace] = handler
         if feature:
             self.server_features.add(namespace)
+
+    def on_contact_iq(self, namespace: str, handler: IqHandler) -> None:
+        """Answer iqs addressed to another local user's bare JID (the handler sees the 'to')."""
+        self.contact_iq[namespace] = handler
 
     def on_account_iq(self, namespace: str, handler: IqHandler, *, feature: bool = True) -> None:
         self.account_iq[namespace] = handler

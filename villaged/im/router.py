@@ -74,8 +74,9 @@ class Router:
                 target.send(iq)
             elif request:
                 session.send(error_reply(iq, "service-unavailable"))
+        elif self.ctx.user_exists(to):
+            await self._handle_iq(session, iq, self.handlers.contact_iq, to)
         elif request:
-            # Another local account's bare JID: nothing answers on its behalf yet.
             session.send(error_reply(iq, "service-unavailable"))
 
     async def _handle_iq(
