@@ -1,0 +1,289 @@
+"""Benchmark: chat throughput, latency and memory of a real villaged process over TLS.
+
+Starts ``villaged run`` on a fresh development node under ``var/bench/c2s`` (loopback only),
+logs in N pairs of users over STARTTLS with SCRAM-SHA-256, and has each user of a pair keep
+``--window`` chat messages in flight to the other (closed loop) for ``--seconds``; or, with
+``--rate R``, sends R messages/s in total on a fixed schedule (open loop). Latency is from
+just before a message is written to when its recipient has parsed it. The client side is
+deliberately thin (pre-serialized stanzas, the project's own parser) so that it does not
+measure itself. With ``--idle K`` it also opens K more authenticated connections that stay
+idle and reports the server's resident memory per idle connection.
+
+The last line on stdout is one JSON object::
+
+    {"pairs": 50, "messages": ..., "delivered_per_s": ..., "p50_ms": ..., "p99_ms": ...,
+     "lost": 0, "rss_per_idle_connection_kib": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import ssl
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from villaged.config import load_config
+from villaged.ops.provision import init_dev
+from villaged.storage.store import StoreOptions, open_store
+from villaged.xmpp import xml
+
+ROOT = Path(__file__).resolve().parent.parent
+SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+PORT_BASE = 47222
+
+
+def header() -> bytes:
+    return (
+        b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+        b"xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>"
+    )
+
+
+class Client:
+    """A minimal XMPP client: STARTTLS, SCRAM-SHA-256, bind, then raw stanzas."""
+
+    def __init__(self, stream: trio.abc.Stream, tcp: trio.SocketStream) -> None:
+        self.stream, self.tcp = stream, tcp
+        self.parser = xml.StreamParser()
+
+    async def element(self) -> xml.ET.Element:  # type: ignore[name-defined]
+        while True:
+            event = self.parser.next_event()
+            if isinstance(event, xml.StanzaReceived):
+                return event.element
+            if isinstance(event, xml.StreamClosed | xml.ConnectionClosed):
+                raise EOFError("stream closed")
+            if event is xml.NEED_DATA:
+                self.parser.receive_data(bytes(await self.stream.receive_some(65536)))
+
+    @classmethod
+    async def login(cls, port: int, ca: ssl.SSLContext, user: str, password: str) -> Client:
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        client = cls(tcp, tcp)
+        await tcp.send_all(header())
+        await client.element()
+        await tcp.send_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        await client.element()
+        client.stream = trio.SSLStream(tcp, ca, server_hostname="localhost")
+        client.parser = xml.StreamParser()
+        await client.stream.send_all(header())
+        await client.element()
+        nonce = base64.b64encode(os.urandom(18)).decode()
+        first_bare = f"n={user},r={nonce}"
+        token = base64.b64encode(f"n,,{first_bare}".encode()).decode()
+        await client.stream.send_all(
+            f"<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256'>{token}</auth>".encode()
+        )
+        server_first = base64.b64decode((await client.element()).text or "").decode()
+        fields = dict(item.split("=", 1) for item in server_first.split(","))
+        salted = hashlib.pbkdf2_hmac(
+            "sha256", password.encode(), base64.b64decode(fields["s"]), int(fields["i"])
+        )
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        stored = hashlib.sha256(client_key).digest()
+        without_proof = f"c=biws,r={fields['r']}"
+        auth_message = f"{first_bare},{server_first},{without_proof}".encode()
+        signature = hmac.digest(stored, auth_message, "sha256")
+        proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature, strict=True)))
+        final = base64.b64encode(f"{without_proof},p={proof.decode()}".encode()).decode()
+        await client.stream.send_all(f"<response xmlns='{SASL}'>{final}</response>".encode())
+        success = await client.element()
+        if not success.tag.endswith("success"):
+            raise PermissionError(f"login of {user} failed")
+        client.parser = xml.StreamParser()
+        await client.stream.send_all(header())
+        await client.element()
+        await client.stream.send_all(
+            b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+            b"<resource>bench</resource></bind></iq>"
+        )
+        await client.element()
+        await client.stream.send_all(b"<presence/>")
+        return client
+
+
+async def wait_ready(port: int, proc: trio.Process) -> None:
+    with trio.fail_after(30):
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"villaged exited with {proc.returncode}")
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.1)
+                continue
+            async with stream:
+                await stream.send_all(
+                    b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                data = b""
+                while chunk := await stream.receive_some(4096):
+                    data += chunk
+            if data.startswith(b"HTTP/1.1 200"):
+                return
+            await trio.sleep(0.1)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    directory = ROOT / "var" / "bench" / "c2s"
+    shutil.rmtree(directory, ignore_errors=True)
+    result = init_dev(directory, port_base=args.port_base, now=datetime.now(UTC))
+    # Every bench client connects from 127.0.0.1; lift the per-address cap, and log at info.
+    text = result.config.read_text().replace('level = "debug"', 'level = "info"')
+    result.config.write_text(text + "\n[c2s]\nmax_connections_per_ip = 100000\n")
+    config = load_config(result.config)
+    users = [f"u{i}" for i in range(2 * args.pairs + args.idle)]
+    print(f"c2s_throughput: creating {len(users)} accounts", file=sys.stderr)
+    options = StoreOptions.from_config(config.storage)
+    async with open_store(options) as store, trio.open_nursery() as nursery:
+        for user in users:
+            nursery.start_soon(store.add_user, f"{user}@localhost", f"{user}-pw")
+    ca = ssl.create_default_context(cafile=str(config.tls.cert))
+    log_file = (directory / "node.log").open("wb")
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "villaged", "run", "-c", str(result.config)],
+        stdout=log_file,
+        stderr=log_file,
+    )
+    try:
+        await wait_ready(args.port_base + 3, proc)
+        clients: dict[str, Client] = {}
+
+        async def login(user: str) -> None:
+            clients[user] = await Client.login(args.port_base, ca, user, f"{user}-pw")
+
+        print("c2s_throughput: logging in", file=sys.stderr)
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for user in users[: 2 * args.pairs]:
+                    nursery.start_soon(login, user)
+        figures = await exchange(args, clients, users[: 2 * args.pairs])
+        if args.idle:
+            before = rss_kib(proc.pid)
+            with trio.fail_after(300):
+                async with trio.open_nursery() as nursery:
+                    for user in users[2 * args.pairs :]:
+                        nursery.start_soon(login, user)
+            await trio.sleep(1)
+            figures["rss_per_idle_connection_kib"] = round(
+                (rss_kib(proc.pid) - before) / args.idle, 1
+            )
+        return figures
+    finally:
+        proc.terminate()
+        with trio.move_on_after(15):
+            await proc.wait()
+        if proc.poll() is None:
+            proc.kill()
+        log_file.close()
+
+
+async def exchange(
+    args: argparse.Namespace, clients: dict[str, Client], users: list[str]
+) -> dict[str, object]:
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    counts = {"sent": 0, "received": 0}
+    drained = trio.Event()
+    stop_at = trio.current_time() + args.seconds
+    interval = (2 * args.pairs) / args.rate if args.rate else 0.0
+
+    async def sender(me: str, peer: str, window: trio.Semaphore) -> None:
+        stream = clients[me].stream
+        n = 0
+        next_at = trio.current_time()
+        while trio.current_time() < stop_at:
+            if interval:
+                next_at += interval
+                await trio.sleep_until(next_at)
+            else:
+                await window.acquire()
+            n += 1
+            mid = f"{me}-{n}"
+            sent_at[mid] = time.perf_counter()
+            counts["sent"] += 1
+            await stream.send_all(
+                f"<message to='{peer}@localhost' type='chat' id='{mid}'>"
+                f"<body>benchmark message {n} from {me}</body></message>".encode()
+            )
+
+    async def receiver(me: str, window: trio.Semaphore) -> None:
+        client = clients[me]
+        while True:
+            element = await client.element()
+            if not element.tag.endswith("}message") or element.get("type") == "error":
+                continue
+            mid = element.get("id") or ""
+            started = sent_at.pop(mid, None)
+            if started is not None:
+                latencies.append((time.perf_counter() - started) * 1000)
+                counts["received"] += 1
+                window.release()
+                if not sent_at and trio.current_time() >= stop_at:
+                    drained.set()
+
+    print(f"c2s_throughput: exchanging for {args.seconds}s", file=sys.stderr)
+    began = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        windows = {u: trio.Semaphore(args.window) for u in users}
+        for a, b in zip(users[0::2], users[1::2], strict=True):
+            # a's window is released when b receives a's messages, and vice versa.
+            nursery.start_soon(sender, a, b, windows[a])
+            nursery.start_soon(sender, b, a, windows[b])
+            nursery.start_soon(receiver, b, windows[a])
+            nursery.start_soon(receiver, a, windows[b])
+        await trio.sleep_until(stop_at)
+        with trio.move_on_after(5):  # drain what is in flight
+            if sent_at:
+                await drained.wait()
+        nursery.cancel_scope.cancel()
+    elapsed = trio.current_time() - began
+    return {
+        "pairs": args.pairs,
+        "mode": f"open loop {args.rate}/s" if args.rate else f"closed loop window {args.window}",
+        "messages": counts["received"],
+        "delivered_per_s": round(counts["received"] / max(elapsed, 1e-9), 1),
+        "p50_ms": round(percentile(latencies, 0.50), 2),
+        "p99_ms": round(percentile(latencies, 0.99), 2),
+        "lost": counts["sent"] - counts["received"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=50)
+    parser.add_argument("--window", type=int, default=10, help="messages in flight per sender")
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop: total messages/s")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--idle", type=int, default=0, help="idle connections for memory")
+    parser.add_argument("--port-base", type=int, default=PORT_BASE)
+    args = parser.parse_args()
+    print(json.dumps(trio.run(run, args)))
+
+
+if __name__ == "__main__":
+    main()
