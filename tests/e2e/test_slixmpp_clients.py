@@ -1,0 +1,70 @@
+"""villaged with a real XMPP client library (slixmpp) over real TLS sockets."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from tests.e2e.xmpp_client import AuthFailedError, TrioXmppClient, open_xmpp_client
+from tests.nodes import RunningNode, start_node
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+
+@pytest.fixture
+async def node(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[RunningNode]:
+    yield await start_node(nursery, tmp_path)
+    nursery.cancel_scope.cancel()
+
+
+async def login(
+    client: TrioXmppClient, node: RunningNode, user: str, *, direct_tls: bool = False
+) -> str:
+    with trio.fail_after(20):
+        return await client.connect(
+            "127.0.0.1",
+            node.c2s_tls if direct_tls else node.c2s,
+            direct_tls=direct_tls,
+            ca_file=node.ca_file,
+            password=f"{user}-password",
+            jid=f"{user}@localhost",
+            resource="slix",
+        )
+
+
+async def test_login_starttls_and_direct_tls_then_chat(node: RunningNode) -> None:
+    async with open_xmpp_client("alice") as alice, open_xmpp_client("bob") as bob:
+        assert await login(alice, node, "alice") == "alice@localhost/slix"
+        assert await login(bob, node, "bob", direct_tls=True) == "bob@localhost/slix"
+        with trio.fail_after(10):
+            await alice.send_presence()
+            await bob.send_presence()
+            text = "grüße ✓ <&>'\""
+            await alice.send_message("bob@localhost", text)
+            got = await bob.wait_message(lambda m: m.body == text)
+            assert got.from_ == "alice@localhost/slix"
+            await bob.send_message("alice@localhost", "und zurück")
+            back = await alice.wait_message(lambda m: m.body == "und zurück")
+            assert back.from_ == "bob@localhost/slix"
+            assert await alice.ping("localhost") >= 0
+            info = await alice.disco_info("localhost")
+            assert "urn:xmpp:ping" in info.features
+            gone = await alice.disconnect()
+            assert gone.by_us
+
+
+async def test_wrong_password_is_rejected(node: RunningNode) -> None:
+    async with open_xmpp_client("alice") as alice:
+        with trio.fail_after(20), pytest.raises(AuthFailedError):
+            await alice.connect(
+                "127.0.0.1",
+                node.c2s,
+                direct_tls=False,
+                ca_file=node.ca_file,
+                password="not-the-password",
+                jid="alice@localhost",
+            )
