@@ -42,6 +42,9 @@ check: lint types test
 
 bench: $(STAMP)
 	$(BIN)/python bench/storage_append.py
+	$(BIN)/python bench/xml_parse.py
+	$(BIN)/python bench/c2s_throughput.py --pairs 50 --seconds 10
+	$(BIN)/python bench/c2s_throughput.py --pairs 50 --rate 500 --seconds 10 --idle 2000
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .coverage build *.egg-info
