@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from villaged import __version__
-from villaged.im import server_info
+from villaged.im import private, server_info, vcard
 from villaged.im.context import ImContext
+from villaged.im.features import FeatureViews
 from villaged.im.handlers import HandlerRegistry
 from villaged.im.messages import Messages
 from villaged.im.presence import Presence
@@ -96,9 +97,11 @@ async def run_node(
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     tls = build_tls(config)
-    store = await trio.to_thread.run_sync(Store.open, StoreOptions.from_config(config.storage))
+    views = FeatureViews()
+    options = StoreOptions.from_config(config.storage)
+    store = await trio.to_thread.run_sync(Store.open, options, views.all())
     try:
-        node = _assemble(config, store, tls)
+        node = _assemble(config, store, tls, views)
         # Two nurseries: the store's outlives the serving one, so on shutdown every
         # connection task (and so every commit it started) is finished before the log closes.
         async with trio.open_nursery() as storage_nursery:
@@ -131,12 +134,14 @@ async def run_node(
         log.info("node stopped", extra={"event": "node.stopped"})
 
 
-def _assemble(config: Config, store: Store, tls: TlsContextHolder) -> Node:
+def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: FeatureViews) -> Node:
     domain = config.server.domain
     sessions = SessionRegistry()
     handlers = HandlerRegistry()
     im = ImContext(domain, store, sessions, handlers)
     server_info.register(handlers)
+    vcard.register(im, views.vcards)
+    private.register(im, views.private)
     router = Router(im, messages=Messages(im), presence=Presence(im))
     c2s = C2SContext(
         domain=domain,

@@ -71,3 +71,20 @@ def test_refusals() -> None:
     other.mark_applied(5, 0)
     with pytest.raises(StateError, match="state says 5"):
         state.restore(other.snapshot_bytes(), 1, 0, no_unseal)
+
+
+class ForgetfulNotesView(NotesView):
+    name = "forgetful"
+    record_types: Mapping[str, int] = {"forgetful.add": 1}
+
+    def forget_user(self, jid: str) -> None:
+        self.notes = [n for n in self.notes if not n.startswith(jid)]
+
+
+def test_account_delete_makes_views_forget_the_user() -> None:
+    view = ForgetfulNotesView()
+    state = State([view])
+    state.apply("forgetful.add", 1, {"n": "a@example.org: hi"}, no_unseal)
+    state.apply("forgetful.add", 1, {"n": "b@example.org: hi"}, no_unseal)
+    state.apply("account.delete", 1, {"u": "a@example.org"}, no_unseal)
+    assert view.notes == ["b@example.org: hi"]

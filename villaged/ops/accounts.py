@@ -6,7 +6,7 @@ import getpass
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from villaged.storage.store import StoreOptions, open_store
+from villaged.im.features import open_node_store
 from villaged.xmpp.scram import prepare_password
 
 if TYPE_CHECKING:
@@ -35,26 +35,26 @@ def read_new_password(stdin: TextIO | None = None) -> str:
 
 
 async def add_user(config: Config, jid: str, password: str) -> str:
-    async with open_store(StoreOptions.from_config(config.storage)) as store:
+    async with open_node_store(config) as store:
         canonical = store.local_user(jid, config.server.domain)
         await store.add_user(canonical, password)
         return canonical
 
 
 async def set_password(config: Config, jid: str, password: str) -> str:
-    async with open_store(StoreOptions.from_config(config.storage)) as store:
+    async with open_node_store(config) as store:
         canonical = store.local_user(jid, config.server.domain)
         await store.set_password(canonical, password)
         return canonical
 
 
 async def delete_user(config: Config, jid: str) -> str:
-    async with open_store(StoreOptions.from_config(config.storage)) as store:
+    async with open_node_store(config) as store:
         canonical = store.local_user(jid, config.server.domain)
         await store.delete_user(canonical)
         return canonical
 
 
 async def list_users(config: Config) -> list[str]:
-    async with open_store(StoreOptions.from_config(config.storage)) as store:
+    async with open_node_store(config) as store:
         return store.users()

@@ -10,7 +10,7 @@ import secrets
 from typing import TYPE_CHECKING, Final
 
 from villaged.config import load_config
-from villaged.storage.store import StoreOptions, open_store
+from villaged.im.features import open_node_store
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -24,7 +24,7 @@ async def ensure_demo_users(config_path: Path) -> list[str]:
     config = load_config(config_path)
     passwords_file = config_path.parent / "demo-accounts.txt"
     lines: list[str] = []
-    async with open_store(StoreOptions.from_config(config.storage)) as store:
+    async with open_node_store(config) as store:
         created: list[str] = []
         for local in DEMO_USERS:
             jid = f"{local}@{config.server.domain}"

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from villaged.storage.store import StoreOptions, open_store
+from villaged.im.features import open_node_store
+from villaged.storage.store import StoreOptions
 
 if TYPE_CHECKING:
     from villaged.config.model import Config
@@ -29,7 +30,7 @@ class RotationResult:
 
 async def rotate_keys(config: Config) -> RotationResult:
     options = StoreOptions.from_config(config.storage)
-    async with open_store(options) as store:  # holds the data directory lock throughout
+    async with open_node_store(config) as store:  # holds the data directory lock throughout
         keyset = store.vault.keyset.rotated(datetime.now(UTC))
         await trio.to_thread.run_sync(keyset.save, options.keyset)
         store.vault.replace_keyset(keyset)
@@ -52,7 +53,7 @@ async def retire_old_keys(config: Config) -> RetireResult:
     is retired here (and no copy of the old keyset is kept), the copy is useless.
     """
     options = StoreOptions.from_config(config.storage)
-    async with open_store(options) as store:
+    async with open_node_store(config) as store:
         rewrapped = await trio.to_thread.run_sync(store.vault.rewrap_all)
         keyset = store.vault.keyset
         retired = tuple(k for k in keyset.key_ids if k != keyset.primary_id)

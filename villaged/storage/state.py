@@ -89,6 +89,8 @@ class View(Protocol):
 
     Feature modules (roster, offline, archive, …) define their views; the node hands them to
     the store, which applies every record to the view that owns its type, in log order.
+    A view may also define ``forget_user(jid: str) -> None``: it is called, in log order, when
+    an ``account.delete`` record is applied, so the view drops everything of that user.
     """
 
     name: str  # its key in snapshots; stable forever
@@ -207,6 +209,12 @@ class State:
 
     def apply(self, rtype: str, version: int, body: Mapping[str, Any], unseal: Unseal) -> None:
         self._owner_of(rtype, version).apply(rtype, body, unseal)
+        if rtype == ACCOUNT_DELETE:
+            jid = text(body, "u")
+            for view in self.views:
+                forget = getattr(view, "forget_user", None)
+                if forget is not None:
+                    forget(jid)
 
     def _owner_of(self, rtype: str, version: int) -> View:
         view = self._owner.get(rtype)
