@@ -3,6 +3,7 @@ app.run_node exactly as `villaged run` does."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from datetime import UTC, datetime
 from functools import partial
@@ -215,3 +216,60 @@ async def test_tls_certificate_is_verified_by_clients(harness: Harness, tmp_path
     with pytest.raises(trio.BrokenResourceError) as info:
         await RawClient.connect(harness.c2s_tls, wrong_ca, direct_tls=True)
     assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
+
+
+async def _node_with(nursery: trio.Nursery, tmp_path: Path, c2s_toml: str) -> Harness:
+    from tests.nodes import start_node
+
+    running = await start_node(nursery, tmp_path, extra_toml="[c2s]\n" + c2s_toml)
+    return Harness(running.node, running.port_base, running.ca_file)
+
+
+async def test_a_trickling_client_is_cut_off_at_the_negotiation_deadline(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await _node_with(nursery, tmp_path, "negotiation_timeout = 5")
+    alice = await h.logged_in("alice")
+    bob = await h.logged_in("bob")
+    slow = await h.client(direct_tls=True)
+    began = trio.current_time()
+    async with trio.open_nursery() as trickle:
+
+        async def one_byte_per_second() -> None:
+            for byte in header():
+                await slow.send(bytes([byte]))
+                await trio.sleep(1)
+
+        trickle.start_soon(one_byte_per_second)
+        assert await slow.stream_error(within_s=15) == "connection-timeout"
+        trickle.cancel_scope.cancel()
+    assert 4 < trio.current_time() - began < 10
+    await chat_works(h, alice, bob, "unaffected by the trickle")
+    for client in h.clients:
+        await client.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_flood_beyond_the_rate_limit_is_a_policy_violation(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await _node_with(
+        nursery,
+        tmp_path,
+        "max_stanza_bytes = 10240\nburst_bytes = 16384\nbytes_per_second = 1024",
+    )
+    alice = await h.logged_in("alice")
+    bob = await h.logged_in("bob")
+    flooder = await h.logged_in("carol")
+    stanza = b"<message to='bob@localhost' type='chat'><body>" + b"f" * 900 + b"</body></message>"
+    with contextlib.suppress(trio.BrokenResourceError):  # the server may hang up mid-flood
+        await flooder.send(stanza * 100)
+    assert await flooder.stream_error() == "policy-violation"
+    assert any(getattr(r, "event", "") == "c2s.rate_limited" for r in caplog.records)
+    await alice.send(b"<message to='bob@localhost' type='chat'><body>after</body></message>")
+    with trio.fail_after(10):
+        while (await bob.element()).findtext("{jabber:client}body") != "after":
+            pass  # skip the part of the flood that arrived before the cut
+    for client in h.clients:
+        await client.aclose()
+    nursery.cancel_scope.cancel()
