@@ -24,6 +24,7 @@ from villaged.im.features import FeatureViews
 from villaged.im.handlers import HandlerRegistry
 from villaged.im.messages import Messages
 from villaged.im.presence import Presence
+from villaged.im.roster import Roster
 from villaged.im.router import Router
 from villaged.im.sessions import SessionRegistry
 from villaged.net.c2s import C2SContext, serve_c2s
@@ -142,7 +143,11 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
     server_info.register(handlers)
     vcard.register(im, views.vcards)
     private.register(im, views.private)
-    router = Router(im, messages=Messages(im), presence=Presence(im))
+    roster = Roster(im, views.roster)
+    roster.register()
+    messages = Messages(im)
+    presence = Presence(im, roster)
+    router = Router(im, messages=messages, presence=presence)
     c2s = C2SContext(
         domain=domain,
         limits=config.c2s,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from villaged.im.private import PrivateView
+from villaged.im.roster import RosterView
 from villaged.im.vcard import VCardView
 from villaged.storage.store import StoreOptions, open_store
 
@@ -28,9 +29,10 @@ if TYPE_CHECKING:
 class FeatureViews:
     vcards: VCardView = field(default_factory=VCardView)
     private: PrivateView = field(default_factory=PrivateView)
+    roster: RosterView = field(default_factory=RosterView)
 
     def all(self) -> list[View]:
-        return [self.vcards, self.private]
+        return [self.vcards, self.private, self.roster]
 
 
 @asynccontextmanager

@@ -1,61 +1,215 @@
-"""Presence (RFC 6121 §4): availability of a user's own resources and directed presence.
+"""Presence for users of this domain (RFC 6121 §4): what a client's presence stanzas do.
 
-Subscriptions, probes and broadcast to contacts arrive with the roster.
+This module owns the routing of every presence stanza a local client sends, and the
+availability of sessions:
+
+* initial presence (§4.2): the session becomes available; its presence goes to the user's
+  subscribers (subscription from/both) and other available resources; the user's
+  subscriptions (to/both) are probed — a local contact's server is this one, so the probe is
+  answered at once with the last presence of each of the contact's available resources
+  (§4.3.2); the new session also gets the presence of the user's other resources, the
+  subscription requests still waiting for an answer (§3.1.3), and then the ``on_available``
+  hook runs (the messages feature flushes offline messages there);
+* presence updates (§4.4) go to the same audience, without probes;
+* unavailable presence (§4.5), sent or implied by the session ending, goes to the same
+  audience and to everyone the session sent directed presence to (§4.6.3);
+* directed presence (§4.6) is delivered and remembered, so that the session's end reaches
+  its recipients too; subscription stanzas (§3) go to the roster's state machine; probes
+  from clients are ignored (probing is the server's job, §4.3); presence errors are routed
+  like directed presence.
+
+A session's priority (§4.7.2.1) is kept current here; what a negative priority means for
+message routing is the messages feature's business. Stanzas for other domains go to the
+``outbound_remote`` hook (by default the roster's), which drops them until federation exists.
+Without a roster (a node built without the roster feature), presence reaches only the user's
+own resources and the targets of directed presence.
 """
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+
+from villaged.im.roster import (
+    PRESENCE,
+    SUBSCRIPTION_TYPES,
+    available_presence,
+    deliver_presence,
+    drop_remote,
+    presence_stanza,
+    readdressed,
+)
+from villaged.xmpp.stanza import error_reply
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from villaged.im.context import ImContext
+    from villaged.im.roster import Roster
     from villaged.im.sessions import Session
     from villaged.xmpp.jid import JID
 
+log = logging.getLogger("villaged.im.presence")
+
+#: Entities one session may have sent directed presence to and not yet unavailable.
+DEFAULT_MAX_DIRECTED: Final = 1000
+
 
 class Presence:
-    def __init__(self, ctx: ImContext) -> None:
+    def __init__(
+        self,
+        ctx: ImContext,
+        roster: Roster | None = None,
+        *,
+        on_available: Callable[[Session], Awaitable[None]] | None = None,
+        outbound_remote: Callable[[ET.Element], Awaitable[None]] | None = None,
+        max_directed: int = DEFAULT_MAX_DIRECTED,
+    ) -> None:
         self.ctx = ctx
+        self.roster = roster
+        self.on_available = on_available
+        if outbound_remote is None:
+            outbound_remote = roster.outbound_remote if roster is not None else drop_remote
+        self.outbound_remote = outbound_remote
+        self.max_directed = max_directed
+        # Per session: who got directed available presence from it and must hear it leave.
+        self._directed: dict[Session, set[JID]] = {}
+
+    # ----- entry points (the router's) ---------------------------------------------------------
 
     async def from_client(self, session: Session, presence: ET.Element, to: JID | None) -> None:
+        """A presence stanza from a local client ('from' stamped with its full JID)."""
         ptype = presence.get("type")
-        if to is None or to == session.jid.bare:
+        if ptype in SUBSCRIPTION_TYPES:
+            await self._subscription(session, presence, to)
+        elif ptype == "probe":
+            pass  # §4.3: the server probes on the user's behalf; a client's probe is ignored
+        elif ptype == "error":
+            await self._route_error(presence, to)
+        elif ptype not in (None, "unavailable"):
+            session.send(error_reply(presence, "bad-request", text="unknown presence type"))
+        elif to is None or to == session.jid.bare:
             if ptype is None:
-                session.available = True
-                session.priority = priority(presence)
-                session.presence = presence
-                self._broadcast_to_own_resources(session, presence)
-            elif ptype == "unavailable":
-                await self.session_ended(session)
-            return
-        if ptype in (None, "unavailable") and self.ctx.is_local(to) and to.local:
-            sessions = self.ctx.sessions
-            targets = [sessions.get(to)] if to.resource else sessions.of_user(to)
-            for target in targets:
-                if target is not None and target.available:
-                    target.send(presence)
-        # Subscription requests and presence to other domains arrive with the roster and
-        # federation features; until then they are dropped (RFC 6121 allows silent drops).
+                await self._available(session, presence)
+            else:
+                await self._unavailable(session, presence)
+        else:
+            await self._directed_presence(session, presence, to)
 
     async def session_ended(self, session: Session) -> None:
-        """The session went unavailable or away: its other resources see it leave."""
+        """The session is gone: everyone who saw it available sees it leave."""
+        gone = ET.Element(PRESENCE, {"type": "unavailable", "from": str(session.jid)})
+        await self._unavailable(session, gone)
+
+    async def probe(self, prober: JID, contact: JID) -> None:
+        """Answer a probe from ``prober`` for the presence of the local ``contact`` (§4.3.2).
+
+        Called for each subscription of a session that sends initial presence; federation
+        will call it for probes from other domains.
+        """
+        roster = self.roster
+        if roster is None:
+            return
+        if not self.ctx.user_exists(contact) or not roster.shares_presence(contact, prober.bare):
+            # §4.3.2: say so, which ends the prober's stale subscription.
+            unsubscribed = presence_stanza("unsubscribed", contact, prober.bare)
+            if self.ctx.is_local(prober):
+                await roster.inbound_subscription(unsubscribed, contact, prober.bare)
+            else:
+                await self.outbound_remote(unsubscribed)
+            return
+        # With no available resource there is nothing to send: §4.3.2 allows silence.
+        for stanza in available_presence(self.ctx.sessions, contact):
+            await self._send(readdressed(stanza, prober), prober)
+
+    # ----- availability --------------------------------------------------------------------
+
+    async def _available(self, session: Session, presence: ET.Element) -> None:
+        initial = not session.available
+        presence = readdressed(presence, None)  # a presence to the user's own bare JID too
+        session.available = True
+        session.priority = priority(presence)
+        session.presence = presence
+        await self._broadcast(session, presence)
+        if initial:
+            await self._initial(session)
+
+    async def _initial(self, session: Session) -> None:
+        user = session.jid.bare
+        if self.roster is not None:
+            for contact in self.roster.subscriptions(user):
+                if self.ctx.is_local(contact):
+                    await self.probe(session.jid, contact)
+                else:
+                    await self.outbound_remote(presence_stanza("probe", session.jid, contact))
+        for other in self.ctx.sessions.of_user(user):
+            if other is not session and other.available and other.presence is not None:
+                session.send(readdressed(other.presence, session.jid))
+        if self.roster is not None:
+            for request in self.roster.pending_requests(user):
+                session.send(request)
+        if self.on_available is not None:
+            await self.on_available(session)
+
+    async def _unavailable(self, session: Session, presence: ET.Element) -> None:
+        directed = self._directed.pop(session, set())
         if session.available:
             session.available = False
-            gone = ET.Element("{jabber:client}presence", {"type": "unavailable"})
-            gone.set("from", str(session.jid))
-            self._broadcast_to_own_resources(session, gone)
+            session.presence = None
+            await self._broadcast(session, presence)
+        for target in directed:
+            await self._send(readdressed(presence, target), target)
 
-    def _broadcast_to_own_resources(self, session: Session, presence: ET.Element) -> None:
-        for other in self.ctx.sessions.of_user(session.jid.bare):
+    async def _broadcast(self, session: Session, presence: ET.Element) -> None:
+        """To the user's subscribers and other available resources (§4.2.2, §4.4.2, §4.5.2)."""
+        user = session.jid.bare
+        if self.roster is not None:
+            for contact in self.roster.subscribers(user):
+                await self._send(readdressed(presence, contact), contact)
+        for other in self.ctx.sessions.of_user(user):
             if other is not session and other.available:
-                copy = ET.Element(presence.tag, dict(presence.attrib))
-                copy.extend(list(presence))
-                copy.set("to", str(other.jid))
-                other.send(copy)
+                other.send(readdressed(presence, other.jid))
+
+    # ----- directed presence, subscriptions, errors --------------------------------------------
+
+    async def _directed_presence(self, session: Session, presence: ET.Element, to: JID) -> None:
+        if self.ctx.is_local(to) and not self.ctx.user_exists(to):
+            return  # §8.5.2.2.1 / §8.5.3.2.3: presence to no account is silently ignored
+        directed = self._directed.setdefault(session, set())
+        if presence.get("type") == "unavailable":
+            directed.discard(to)
+        elif to not in directed and not self._subscriber(session.jid.bare, to):
+            # Subscribers hear the session leave anyway; anyone else is remembered (§4.6.3).
+            if len(directed) >= self.max_directed:
+                session.send(
+                    error_reply(presence, "policy-violation", text="too many directed presences")
+                )
+                return
+            directed.add(to)
+        await self._send(presence, to)
+
+    def _subscriber(self, user: JID, to: JID) -> bool:
+        return self.roster is not None and self.roster.shares_presence(user, to.bare)
+
+    async def _subscription(self, session: Session, presence: ET.Element, to: JID | None) -> None:
+        if self.roster is None or to is None or to.bare == session.jid.bare:
+            return  # nobody to subscribe to (RFC 6121 lets a server drop what it cannot use)
+        await self.roster.outbound_subscription(session, presence, to.bare)
+
+    async def _route_error(self, presence: ET.Element, to: JID | None) -> None:
+        if to is not None and (not self.ctx.is_local(to) or self.ctx.user_exists(to)):
+            await self._send(presence, to)
+
+    async def _send(self, stanza: ET.Element, to: JID) -> None:
+        if self.ctx.is_local(to):
+            deliver_presence(self.ctx.sessions, stanza, to)
+        else:
+            await self.outbound_remote(stanza)
 
 
 def priority(presence: ET.Element) -> int:
+    """The stanza's priority (§4.7.2.3), clamped to -128..127; 0 when absent or not a number."""
     text = presence.findtext("{jabber:client}priority")
     try:
         value = int(text) if text is not None else 0
