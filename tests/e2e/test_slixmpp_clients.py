@@ -68,3 +68,44 @@ async def test_wrong_password_is_rejected(node: RunningNode) -> None:
                 password="not-the-password",
                 jid="alice@localhost",
             )
+
+
+async def test_roster_subscription_handshake_and_presence_both_ways(node: RunningNode) -> None:
+    async with open_xmpp_client("alice") as alice, open_xmpp_client("bob") as bob:
+        await login(alice, node, "alice")
+        await login(bob, node, "bob")
+        with trio.fail_after(15):
+            assert await alice.get_roster() == {}
+            await bob.get_roster()
+            await alice.send_presence()
+            await bob.send_presence()
+            await alice.set_roster_item("bob@localhost", name="Bob", groups=("Friends",))
+            push = await alice.wait_roster_push()
+            assert push.items[0].jid == "bob@localhost"
+            # alice asks, bob approves and asks back, alice approves.
+            await alice.send_presence(to="bob@localhost", type_="subscribe")
+            request = await bob.wait_presence(lambda p: p.type == "subscribe")
+            assert request.from_ == "alice@localhost"
+            await bob.send_presence(to="alice@localhost", type_="subscribed")
+            await bob.send_presence(to="alice@localhost", type_="subscribe")
+            seen_bob = await alice.wait_presence(
+                lambda p: p.from_ == "bob@localhost/slix" and p.type == "available"
+            )
+            assert seen_bob.to.startswith("alice@localhost")
+            await alice.wait_presence(lambda p: p.type == "subscribe")
+            await alice.send_presence(to="bob@localhost", type_="subscribed")
+            await bob.wait_presence(
+                lambda p: p.from_ == "alice@localhost/slix" and p.type == "available"
+            )
+            roster = await alice.get_roster()
+            assert roster["bob@localhost"].subscription == "both"
+            assert roster["bob@localhost"].name == "Bob"
+            assert roster["bob@localhost"].groups == frozenset({"Friends"})
+            # A presence change reaches the contact; leaving is seen too.
+            await alice.send_presence(show="away", status="lunch")
+            away = await bob.wait_presence(lambda p: p.show == "away")
+            assert away.status == "lunch"
+            await alice.disconnect()
+            await bob.wait_presence(
+                lambda p: p.from_ == "alice@localhost/slix" and p.type == "unavailable"
+            )
