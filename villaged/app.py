@@ -145,8 +145,8 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
     private.register(im, views.private)
     roster = Roster(im, views.roster)
     roster.register()
-    messages = Messages(im)
-    presence = Presence(im, roster)
+    messages = Messages(im, views.messages, in_roster=roster.in_roster)
+    presence = Presence(im, roster, on_available=messages.flush_offline)
     router = Router(im, messages=messages, presence=presence)
     c2s = C2SContext(
         domain=domain,

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from villaged.im.messages import MessageStoreView
 from villaged.im.private import PrivateView
 from villaged.im.roster import RosterView
 from villaged.im.vcard import VCardView
@@ -30,9 +31,10 @@ class FeatureViews:
     vcards: VCardView = field(default_factory=VCardView)
     private: PrivateView = field(default_factory=PrivateView)
     roster: RosterView = field(default_factory=RosterView)
+    messages: MessageStoreView = field(default_factory=MessageStoreView)
 
     def all(self) -> list[View]:
-        return [self.vcards, self.private, self.roster]
+        return [self.vcards, self.private, self.roster, self.messages]
 
 
 @asynccontextmanager

@@ -1,29 +1,252 @@
-"""Message routing to local users (RFC 6121 §8.5).
+"""Messages between local users: routing (RFC 6121 §8.5), durability first, then delivery.
 
-Messages to a bare JID go to every available resource with a non-negative priority (Prosody
-does the same, and with carbons every device sees the conversation); a full JID that is not
-online is treated as the bare JID for chat and normal messages (RFC 6121 §8.5.3.2.1).
+A message from a client goes through these steps, in this order:
+
+1. refusals (RFC 6121 §8.5.1/§8.5.2): another domain → ``remote-server-not-found``, the server
+   itself or an unknown user → ``service-unavailable``;
+2. sanitizing: <stanza-id/> elements claiming one of our archives and carbons wrappers are
+   removed (only the server may make those: see the security considerations of XEP-0359 and
+   XEP-0280);
+3. routing: a full JID that is online gets it; otherwise chat/normal go to every available
+   resource with a non-negative priority (Prosody does the same, and with carbons every
+   device sees the conversation), groupchat bounces, error and (to a full JID) headline are
+   dropped; chat/normal for a user with no such resource are stored offline (``offline``);
+4. archiving (``mam``): when the message is archivable and each user's preferences allow,
+   it gets a fresh XEP-0359 stanza-id for the recipient's archive (in the copy the recipient
+   sees) and another for the sender's (in the copy the sender's other devices see);
+5. **one durable record** (`MESSAGE_RECORD`) covering everything that must survive: the
+   recipient's entry (archive and/or offline queue, sharing one sealed payload) and the
+   sender's archive entry. `from_client` returns only after that record is durable and
+   applied, so stream management can count the stanza as handled at that point (DESIGN.md:
+   nothing is acknowledged before it is durable);
+6. delivery to sessions, then carbons (``carbons``) to the other resources.
+
+Why one record with one entry per user rather than one record per user: a single record is
+atomic (never an archive without the offline copy, or the sender's archive without the
+recipient's), costs one append, and each entry is self-contained — owner, sealed payload,
+ids, timestamp — so when users are spread over shards the record splits into per-shard
+records mechanically. The record shows which two users exchanged a message at that time
+(each entry names its owner in the clear, as every sealed record does); separate records
+appended together would show the same to anyone reading the log.
+
+Record types owned here (all applied by `MessageStoreView`):
+
+* ``message`` v1 — ``{"e": [entry, …]}`` with one or two entries, each
+  ``{"u": bare JID, "id": record id, "s": sealed payload, "t": µs since the epoch,
+  "a": archive id (when archived), "k": archive bound (with "a"), "o": true (when queued
+  offline)}``; the payload (see ``mam.pack_payload``) holds the correspondent and the stanza;
+* ``offline.delivered`` v1 — see ``offline``;
+* ``mam.prefs`` v1 — see ``mam``.
+
+Deleting an account empties its archive, queue and preferences (`MessageStoreView.forget_user`,
+called as ``account.delete`` is applied); replaying older records of a deleted user meets
+payloads sealed under a destroyed key, and skips them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Final
 
+from villaged.im import carbons
+from villaged.im.carbons import Carbons
+from villaged.im.mam import (
+    PAYLOAD_RECORD,
+    PREFS_RECORD,
+    Archives,
+    Mam,
+    PrefsTable,
+    add_stanza_id,
+    archivable,
+    pack_payload,
+    strip_stanza_ids,
+    unpack_with,
+)
+from villaged.im.offline import (
+    DEFAULT_LIMIT,
+    DELIVERED_RECORD,
+    Offline,
+    OfflineQueues,
+    QueuedMessage,
+    storable,
+    validate_delivered,
+)
+from villaged.storage.errors import RecordTooLargeError, ShreddedError
+from villaged.storage.records import Record
+from villaged.storage.state import StateError, text
+from villaged.xmpp.jid import JID, JIDError
 from villaged.xmpp.stanza import error_reply
 
 if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
+    from collections.abc import Callable, Mapping
 
     from villaged.im.context import ImContext
     from villaged.im.sessions import Session
-    from villaged.xmpp.jid import JID
+    from villaged.storage.state import Unseal
+
+MESSAGE_RECORD: Final = PAYLOAD_RECORD
+MAX_ENTRIES: Final = 2  # a message touches at most its sender's and its recipient's data
+DEFAULT_ARCHIVE_KEEP: Final = 10_000
+
+log = logging.getLogger("villaged.im.messages")
+
+
+def new_archive_id() -> str:
+    """An archive UID / stanza-id: 128 random bits, so unguessable and, in practice, unique
+    (XEP-0313 and XEP-0359 ask for both)."""
+    return secrets.token_urlsafe(16)
+
+
+def _now_micros() -> int:
+    # Millisecond resolution: the XEP-0082 stamps we show are then exact, so a client that
+    # filters with a stamp it was shown finds that message again.
+    return time.time_ns() // 1_000_000 * 1_000
+
+
+class MessageStoreView:
+    """The durable state of messaging: archives, offline queues and archive preferences."""
+
+    name = "messages"
+    record_types: Mapping[str, int] = {MESSAGE_RECORD: 1, DELIVERED_RECORD: 1, PREFS_RECORD: 1}
+
+    def __init__(self) -> None:
+        self.archives = Archives()
+        self.offline = OfflineQueues()
+        self.prefs = PrefsTable()
+
+    def validate(self, rtype: str, body: Mapping[str, Any]) -> None:
+        if rtype == MESSAGE_RECORD:
+            _message_entries(body)
+        elif rtype == DELIVERED_RECORD:
+            validate_delivered(body)
+        else:
+            text(body, "u")
+            text(body, "id")
+            if not isinstance(body.get("s"), dict):
+                raise StateError(f"{rtype} has no sealed payload")
+
+    def apply(self, rtype: str, body: Mapping[str, Any], unseal: Unseal) -> None:
+        if rtype == MESSAGE_RECORD:
+            for entry in _message_entries(body):
+                self._apply_entry(entry, unseal)
+        elif rtype == DELIVERED_RECORD:
+            self.offline.remove(*validate_delivered(body))
+        else:
+            self.validate(rtype, body)
+            self.prefs.apply(body["u"], body["id"], body["s"], unseal)
+
+    def _apply_entry(self, entry: Mapping[str, Any], unseal: Unseal) -> None:
+        user, record_id, sealed, stamp = entry["u"], entry["id"], entry["s"], entry["t"]
+        try:
+            payload = unseal(MESSAGE_RECORD, user, record_id, sealed)
+        except ShreddedError:
+            return  # the user was deleted after this was written
+        if "a" in entry:
+            with_jid = unpack_with(payload)
+            self.archives.append(user, entry["a"], stamp, with_jid, record_id, sealed, entry["k"])
+        if entry.get("o"):
+            self.offline.add(user, QueuedMessage(record_id, stamp, sealed))
+
+    def forget_user(self, jid: str) -> None:
+        """The account was deleted (``account.delete`` applied): drop all of its messages."""
+        self.archives.forget(jid)
+        self.offline.forget(jid)
+        self.prefs.forget(jid)
+
+    def to_snapshot(self) -> dict[str, Any]:
+        return {
+            "archive": self.archives.to_snapshot(),
+            "offline": self.offline.to_snapshot(),
+            "prefs": self.prefs.to_snapshot(),
+        }
+
+    def restore(self, data: Any, unseal: Unseal) -> None:
+        data = data or {}
+        self.archives.restore(data.get("archive", {}), unseal)
+        self.offline.restore(data.get("offline", {}), unseal)
+        self.prefs.restore(data.get("prefs", {}), unseal)
+
+
+def _message_entries(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    entries = body.get("e")
+    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_ENTRIES:
+        raise StateError(f"{MESSAGE_RECORD} needs 1 to {MAX_ENTRIES} entries")
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise StateError(f"{MESSAGE_RECORD} entry is not a map")
+        text(entry, "u")
+        text(entry, "id")
+        if not isinstance(entry.get("s"), dict):
+            raise StateError(f"{MESSAGE_RECORD} entry has no sealed payload")
+        if not _is_count(entry.get("t"), minimum=0):
+            raise StateError(f"{MESSAGE_RECORD} entry has no timestamp")
+        archived = "a" in entry
+        if archived:
+            text(entry, "a")
+            if not _is_count(entry.get("k"), minimum=1):
+                raise StateError(f"{MESSAGE_RECORD} archive entry has no bound")
+        queued = entry.get("o", False)
+        if type(queued) is not bool or not (archived or queued):
+            raise StateError(f"{MESSAGE_RECORD} entry is neither archived nor queued")
+    return entries
+
+
+def _is_count(value: object, *, minimum: int) -> bool:
+    return type(value) is int and value >= minimum
 
 
 class Messages:
-    def __init__(self, ctx: ImContext) -> None:
+    """Message routing and everything durable about messages.
+
+    ``view`` is the `MessageStoreView` the store was opened with (found by name when not
+    given). Without one — a store opened without it, as in tests of other features —
+    messages are only routed online: nothing is archived or stored offline, and chat/normal
+    messages for a user with no available resource bounce as RFC 6121 requires of a server
+    without offline storage. Constructing registers the iq handlers and disco features.
+    """
+
+    def __init__(
+        self,
+        ctx: ImContext,
+        view: MessageStoreView | None = None,
+        *,
+        clock: Callable[[], int] = _now_micros,
+        offline_limit: int = DEFAULT_LIMIT,
+        archive_keep: int = DEFAULT_ARCHIVE_KEEP,
+        in_roster: Callable[[JID, JID], bool] | None = None,
+    ) -> None:
+        if archive_keep < 1:
+            raise ValueError("archive_keep must be at least 1")
         self.ctx = ctx
+        found = view if view is not None else _registered_view(ctx)
+        if found is not None and _registered_view(ctx) is not found:
+            raise ValueError("the message view is not the one the store was opened with")
+        self.durable = found is not None
+        self.view = found if found is not None else MessageStoreView()
+        self.archive_keep = archive_keep
+        self._clock = clock
+        self.carbons = Carbons(ctx)
+        self.mam = Mam(ctx, self.view.archives, self.view.prefs, in_roster=in_roster)
+        self.offline = Offline(ctx, self.view.offline, limit=offline_limit)
+        self.carbons.register()
+        if self.durable:
+            self.mam.register()
+            self.offline.register()
+        else:
+            log.warning(
+                "no message store: messages are routed online only",
+                extra={"event": "messages.not_durable"},
+            )
+
+    # ----- entry points ------------------------------------------------------------------
 
     async def from_client(self, session: Session, message: ET.Element, to: JID) -> None:
+        """A message from a local client ('from' stamped with its full JID). Returns once
+        whatever must be durable about it is durable."""
         mtype = message.get("type", "normal")
         if not self.ctx.is_local(to):
             if mtype != "error":
@@ -37,30 +260,181 @@ class Messages:
             if mtype != "error":
                 session.send(error_reply(message, "service-unavailable"))
             return
+        strip_stanza_ids(message, self.ctx.domain)
+        carbons.strip_forged(message)
         await self.deliver(message, to, sender=session)
 
+    async def flush_offline(self, session: Session) -> None:
+        """Deliver the offline queue to ``session``: the presence feature's ``on_available``
+        hook, called right after a session's initial presence."""
+        await self.offline.flush(session)
+
     async def deliver(self, message: ET.Element, to: JID, *, sender: Session | None) -> bool:
-        """Deliver a message to a local user per RFC 6121 §8.5; True if a session took it."""
+        """Route ``message`` (its 'from' set) to the local user ``to`` per RFC 6121 §8.5:
+        commit what must be durable, then hand it to sessions. True if a session took it or
+        it was stored offline. Errors go to ``sender`` when there is one."""
         mtype = message.get("type", "normal")
-        sessions = self.ctx.sessions
+        direct = self._route(message, to, sender)
+        if direct is None:
+            return False
+        from_jid = _from_jid(message, sender)
+        recipient = to.bare
+        sender_user = (
+            from_jid.bare if from_jid is not None and self.ctx.user_exists(from_jid) else None
+        )
+        to_self = sender_user == recipient
+        offline = not direct and mtype in ("chat", "normal")
+        if offline and not (self.durable and storable(message)):
+            if not self.durable:
+                _bounce(sender, message, "service-unavailable")
+            return False  # content-less (chat states) or no-store: dropped
+        archive_in = archive_out = False
+        if self.durable and archivable(message):
+            archive_in = from_jid is not None and self.mam.archives_with(recipient, from_jid)
+            archive_out = (
+                sender_user is not None and not to_self and self.mam.archives_with(sender_user, to)
+            )
+        copies = carbons.eligible(message)
+        carbons.strip_private(message)
+        inbound, inbound_id = _stamped_copy(message, recipient if archive_in else None)
+        outbound, outbound_id = (
+            (inbound, inbound_id)
+            if to_self
+            else _stamped_copy(message, sender_user if archive_out else None)
+        )
+
+        if offline and not self.offline.try_reserve(str(recipient)):
+            _bounce(sender, message, "service-unavailable", "offline storage is full")
+            return False
+        try:
+            stamp = self._clock()
+            entries: list[dict[str, Any]] = []
+            if archive_in or offline:
+                with_jid = str(from_jid) if from_jid is not None else ""
+                entries.append(
+                    await self._entry(recipient, inbound, with_jid, stamp, inbound_id, offline)
+                )
+            if archive_out and sender_user is not None:
+                entries.append(
+                    await self._entry(sender_user, outbound, str(to), stamp, outbound_id, False)
+                )
+            if entries:
+                await self.ctx.store.commit(Record(MESSAGE_RECORD, {"e": entries}))
+        except RecordTooLargeError:
+            _bounce(sender, message, "policy-violation", "message too large to store")
+            return False
+        finally:
+            if offline:
+                self.offline.release(str(recipient))
+
+        for session in direct:
+            session.send(inbound)
+        if copies:
+            self._send_carbons(direct, sender, sender_user, recipient, inbound, outbound)
+        if offline:
+            # A resource may have come online while the record was being written, after
+            # its flush had looked at the queue: hand it over now rather than next login.
+            online = self._available(recipient)
+            if online:
+                await self.offline.flush(max(online, key=lambda s: s.priority))
+        return True
+
+    # ----- helpers -----------------------------------------------------------------------
+
+    def _route(self, message: ET.Element, to: JID, sender: Session | None) -> list[Session] | None:
+        """The sessions that get ``message`` itself (possibly none), or None when it goes
+        nowhere at all (bounced or dropped)."""
+        mtype = message.get("type", "normal")
         if to.resource:
-            target = sessions.get(to)
+            target = self.ctx.sessions.get(to)
             if target is not None:
-                return target.send(message)
-            if mtype not in ("chat", "normal"):
-                if mtype == "groupchat" and sender is not None:
-                    sender.send(error_reply(message, "service-unavailable"))
-                return False
+                return [target]
         if mtype == "groupchat":
-            if sender is not None:
-                sender.send(error_reply(message, "service-unavailable"))
-            return False
-        if mtype == "error":
-            return False
-        targets = [s for s in sessions.of_user(to.bare) if s.available and s.priority >= 0]
-        for target in targets:
-            target.send(message)
-        if not targets and mtype != "headline" and sender is not None:
-            # No offline storage yet: tell the sender the message was not delivered.
-            sender.send(error_reply(message, "service-unavailable"))
-        return bool(targets)
+            _bounce(sender, message, "service-unavailable")
+            return None
+        if mtype == "error" or (to.resource and mtype == "headline"):
+            return None  # RFC 6121 §8.5.2.1.1 and §8.5.3.2.1: silently ignored
+        return self._available(to.bare)
+
+    def _available(self, bare: JID) -> list[Session]:
+        return [s for s in self.ctx.sessions.of_user(bare) if s.available and s.priority >= 0]
+
+    async def _entry(
+        self,
+        user: JID,
+        stanza: ET.Element,
+        with_jid: str,
+        stamp: int,
+        archive_id: str | None,
+        offline: bool,
+    ) -> dict[str, Any]:
+        body = await self.ctx.store.sealed_body(
+            MESSAGE_RECORD, str(user), pack_payload(with_jid, stanza)
+        )
+        body["t"] = stamp
+        if archive_id is not None:
+            body["a"] = archive_id
+            body["k"] = self.archive_keep
+        if offline:
+            body["o"] = True
+        return body
+
+    def _send_carbons(
+        self,
+        direct: list[Session],
+        sender: Session | None,
+        sender_user: JID | None,
+        recipient: JID,
+        inbound: ET.Element,
+        outbound: ET.Element,
+    ) -> None:
+        # No resource gets two copies: those that got the message, and the sending one,
+        # get no carbon; a message to oneself yields sent carbons only.
+        served: set[Session] = set(direct)
+        if sender is not None:
+            served.add(sender)
+        sessions = self.ctx.sessions
+        if sender_user is not None:
+            for session in sessions.of_user(sender_user):
+                if session not in served and carbons.wants_copies(session):
+                    session.send(carbons.wrap("sent", sender_user, session.jid, outbound))
+                    served.add(session)
+        if sender_user != recipient:
+            for session in sessions.of_user(recipient):
+                if session not in served and carbons.wants_copies(session):
+                    session.send(carbons.wrap("received", recipient, session.jid, inbound))
+
+
+def _stamped_copy(message: ET.Element, archive_owner: JID | None) -> tuple[ET.Element, str | None]:
+    """A copy of ``message`` for one side of the conversation; when that side's archive
+    (``archive_owner``) keeps it, with a fresh stanza-id naming that archive."""
+    stamped = copy.deepcopy(message)
+    if archive_owner is None:
+        return stamped, None
+    archive_id = new_archive_id()
+    add_stanza_id(stamped, str(archive_owner), archive_id)
+    return stamped, archive_id
+
+
+def _registered_view(ctx: ImContext) -> MessageStoreView | None:
+    try:
+        view = ctx.store.state.view(MessageStoreView.name)
+    except KeyError:
+        return None
+    return view if isinstance(view, MessageStoreView) else None
+
+
+def _from_jid(message: ET.Element, sender: Session | None) -> JID | None:
+    if sender is not None:
+        return sender.jid  # what the stream stamped as 'from', already parsed
+    try:
+        return JID.parse(message.get("from", ""))
+    except JIDError:
+        return None
+
+
+def _bounce(
+    sender: Session | None, message: ET.Element, condition: str, reason: str | None = None
+) -> None:
+    if sender is not None and message.get("type") != "error":
+        sender.send(error_reply(message, condition, text=reason))
