@@ -109,3 +109,64 @@ async def test_roster_subscription_handshake_and_presence_both_ways(node: Runnin
             await bob.wait_presence(
                 lambda p: p.from_ == "alice@localhost/slix" and p.type == "unavailable"
             )
+
+
+async def test_offline_carbons_and_archive_paging(node: RunningNode) -> None:
+    async with open_xmpp_client("alice") as alice:
+        await login(alice, node, "alice")
+        with trio.fail_after(20):
+            await alice.send_presence()
+            for i in range(25):
+                await alice.send_message("bob@localhost", f"offline {i} <&>")
+            await alice.ping("localhost")  # everything before this was processed
+    async with (
+        open_xmpp_client("bob-phone") as phone,
+        open_xmpp_client("bob-laptop") as laptop,
+        open_xmpp_client("alice") as alice,
+    ):
+        with trio.fail_after(30):
+            await login(phone, node, "bob")
+            await phone.enable_carbons()
+            await phone.send_presence()
+            for i in range(25):  # offline messages arrive in order, with a delay stamp
+                got = await phone.wait_message(lambda m: (m.body or "").startswith("offline"))
+                assert got.body == f"offline {i} <&>"
+                assert "urn:xmpp:delay" in got.xml
+            await laptop.connect(
+                "127.0.0.1",
+                node.c2s_tls,
+                direct_tls=True,
+                ca_file=node.ca_file,
+                password="bob-password",
+                jid="bob@localhost",
+                resource="laptop",
+            )
+            await laptop.enable_carbons()
+            await laptop.send_presence()
+            await login(alice, node, "alice")
+            await alice.send_presence()
+            # A message to one of bob's resources is carbon-copied to the other.
+            await alice.send_message("bob@localhost/slix", "for the phone")
+            direct = await phone.wait_message(lambda m: m.body == "for the phone")
+            assert direct.carbon is None
+            copy = await laptop.wait_message(lambda m: m.carbon == "received")
+            assert copy.forwarded is not None
+            assert copy.forwarded.body == "for the phone"
+            # What bob sends from the phone is carbon-copied to the laptop as sent.
+            await phone.send_message("alice@localhost", "from the phone")
+            sent = await laptop.wait_message(lambda m: m.carbon == "sent")
+            assert sent.forwarded is not None
+            assert sent.forwarded.body == "from the phone"
+            # The archive pages through everything in order, without gaps or repeats.
+            seen: list[str] = []
+            after: str | None = None
+            for _ in range(10):
+                page = await phone.mam_query(with_="alice@localhost", max_=10, after=after)
+                seen.extend(m.message.body or "" for m in page.messages)
+                after = page.last
+                if page.complete:
+                    break
+            assert seen == [f"offline {i} <&>" for i in range(25)] + [
+                "for the phone",
+                "from the phone",
+            ]
