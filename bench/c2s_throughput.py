@@ -212,10 +212,12 @@ async def exchange(
     stop_at = trio.current_time() + args.seconds
     interval = (2 * args.pairs) / args.rate if args.rate else 0.0
 
-    async def sender(me: str, peer: str, window: trio.Semaphore) -> None:
+    async def sender(me: str, peer: str, window: trio.Semaphore, phase: float) -> None:
         stream = clients[me].stream
         n = 0
-        next_at = trio.current_time()
+        # Open loop: senders are spread evenly over one interval, so the total arrival rate is
+        # steady rather than every sender firing in the same instant.
+        next_at = trio.current_time() + phase * interval
         while trio.current_time() < stop_at:
             if interval:
                 next_at += interval
@@ -250,10 +252,11 @@ async def exchange(
     began = trio.current_time()
     async with trio.open_nursery() as nursery:
         windows = {u: trio.Semaphore(args.window) for u in users}
-        for a, b in zip(users[0::2], users[1::2], strict=True):
+        senders = len(users)
+        for i, (a, b) in enumerate(zip(users[0::2], users[1::2], strict=True)):
             # a's window is released when b receives a's messages, and vice versa.
-            nursery.start_soon(sender, a, b, windows[a])
-            nursery.start_soon(sender, b, a, windows[b])
+            nursery.start_soon(sender, a, b, windows[a], (2 * i) / senders)
+            nursery.start_soon(sender, b, a, windows[b], (2 * i + 1) / senders)
             nursery.start_soon(receiver, b, windows[a])
             nursery.start_soon(receiver, a, windows[b])
         await trio.sleep_until(stop_at)
