@@ -3,6 +3,7 @@ logs JSON lines, holds the data directory lock, and exits cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -102,3 +103,63 @@ async def test_port_in_use_is_one_line_naming_the_key(tmp_path: Path) -> None:
     assert err.count("\n") == 1, err
     assert "listeners.http.bind: cannot listen on 127.0.0.1:" in err
     assert "Address already in use" in err
+
+
+async def test_sighup_reloads_the_certificate_and_sigterm_tells_clients(tmp_path: Path) -> None:
+    from tests.net.rawclient import RawClient
+    from tests.nodes import add_users
+    from villaged.config import load_config
+    from villaged.ops.tlsfiles import make_self_signed, write_file_atomic, write_private_file
+
+    port_base = free_port_base()
+    result = init_dev(tmp_path / "n", port_base=port_base, now=datetime.now(UTC))
+    config = load_config(result.config)
+    await add_users(config, ["alice"])
+    ca_before = tmp_path / "ca-before.pem"
+    ca_before.write_bytes(config.tls.cert.read_bytes())
+    log_path = tmp_path / "node.log"
+    with log_path.open("wb") as log_file:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "villaged", "run", "-c", str(result.config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        with trio.fail_after(20):
+            while True:
+                try:
+                    await _get(port_base + 3, "/readyz")
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        alice = await RawClient.connect(port_base + 1, ca_before, direct_tls=True)
+        await alice.login("alice", "alice-password", starttls=False)
+
+        # New certificate files, then SIGHUP: new connections get the new certificate.
+        cert, key = make_self_signed("localhost", datetime.now(UTC))
+        write_private_file(config.tls.key, key)
+        write_file_atomic(config.tls.cert, cert, 0o644)
+        proc.send_signal(signal.SIGHUP)
+        with trio.fail_after(10):  # the node is another process: poll its log
+            while b'"event": "node.reload"' not in log_path.read_bytes():  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        fresh = await RawClient.connect(port_base + 1, config.tls.cert, direct_tls=True)
+        await fresh.aclose()
+        with trio.fail_after(10), contextlib.suppress(trio.BrokenResourceError):
+            stale = await RawClient.connect(port_base + 1, ca_before, direct_tls=True)
+            await stale.aclose()
+            raise AssertionError("the old certificate is still served to new connections")
+
+        # The connection made before the reload still works; SIGTERM ends it properly.
+        await alice.send(b"<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>")
+        assert (await alice.element()).get("type") == "result"
+        proc.send_signal(signal.SIGTERM)
+        assert await alice.stream_error() == "system-shutdown"
+        await alice.aclose()
+        with trio.fail_after(20):
+            await proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
