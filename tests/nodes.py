@@ -3,10 +3,14 @@ on free loopback ports, with accounts ``<name>@localhost`` / ``<name>-password``
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
+
+import trio
 
 from tests.ports import free_port_base
 from villaged.app import run_node
@@ -17,8 +21,6 @@ from villaged.storage.store import StoreOptions, open_store
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
-
-    import trio
 
     from villaged.app import Node
     from villaged.config import Config
@@ -68,3 +70,33 @@ async def start_node(
     await add_users(config, users)
     node = await nursery.start(partial(run_node, config, handle_signals=False))
     return RunningNode(node, config, config.listeners.c2s.bind[0].port)
+
+
+async def spawn_node(config_path: Path, log_path: Path) -> trio.Process:
+    """`villaged run -c CONFIG` as a real process, its output appended to ``log_path``."""
+    with log_path.open("ab") as log_file:
+        return await trio.lowlevel.open_process(
+            [sys.executable, "-m", "villaged", "run", "-c", str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def wait_ready(proc: trio.Process, http_port: int) -> bytes:
+    """Poll /readyz until the node answers; the HTTP response (fails if the process exits)."""
+    with trio.fail_after(30):
+        while True:
+            assert proc.poll() is None, "villaged exited before it was ready; see its log"
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", http_port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            async with stream:
+                await stream.send_all(
+                    b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                response = b""
+                while chunk := await stream.receive_some(4096):
+                    response += chunk
+            return response

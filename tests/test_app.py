@@ -7,13 +7,13 @@ import contextlib
 import json
 import signal
 import socket
-import subprocess
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import trio
 
+from tests.nodes import spawn_node, wait_ready
 from tests.ports import free_port_base
 from villaged.ops.provision import init_dev
 
@@ -38,21 +38,9 @@ async def test_run_ready_lock_and_sigterm(tmp_path: Path) -> None:
     result = init_dev(tmp_path / "n", port_base=port_base, now=datetime.now(UTC))
     http_port = port_base + 3
     log_path = tmp_path / "node.log"
-    with log_path.open("wb") as log_file:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "villaged", "run", "-c", str(result.config)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    proc = await spawn_node(result.config, log_path)
     try:
-        with trio.fail_after(20):
-            while True:
-                try:
-                    response = await _get(http_port, "/readyz")
-                    break
-                except OSError:
-                    assert proc.poll() is None, log_path.read_text()
-                    await trio.sleep(0.05)
+        response = await wait_ready(proc, http_port)
         assert response.startswith(b"HTTP/1.1 200")
         assert (await _get(http_port, "/healthz")).endswith(b"ok\n")
         assert (await _get(http_port, "/nope")).startswith(b"HTTP/1.1 404")
@@ -118,20 +106,9 @@ async def test_sighup_reloads_the_certificate_and_sigterm_tells_clients(tmp_path
     ca_before = tmp_path / "ca-before.pem"
     ca_before.write_bytes(config.tls.cert.read_bytes())
     log_path = tmp_path / "node.log"
-    with log_path.open("wb") as log_file:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "villaged", "run", "-c", str(result.config)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    proc = await spawn_node(result.config, log_path)
     try:
-        with trio.fail_after(20):
-            while True:
-                try:
-                    await _get(port_base + 3, "/readyz")
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
+        await wait_ready(proc, port_base + 3)
         alice = await RawClient.connect(port_base + 1, ca_before, direct_tls=True)
         await alice.login("alice", "alice-password", starttls=False)
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import random
 import signal
-import sys
 from typing import TYPE_CHECKING
 
 import trio
 
 from tests.net.rawclient import RawClient
-from tests.nodes import add_users, write_node_config
+from tests.nodes import add_users, spawn_node, write_node_config
 from villaged.config import load_config
 
 if TYPE_CHECKING:
@@ -27,15 +26,6 @@ if TYPE_CHECKING:
 
 MAM = "urn:xmpp:mam:2"
 ROUNDS = 3
-
-
-async def start(config_path: Path, log: Path) -> trio.Process:
-    with log.open("ab") as out:
-        return await trio.lowlevel.open_process(
-            [sys.executable, "-m", "villaged", "run", "-c", str(config_path)],
-            stdout=out,
-            stderr=out,
-        )
 
 
 async def connect(config: Config, user: str, proc: trio.Process, log: Path) -> RawClient:
@@ -132,12 +122,12 @@ async def test_acknowledged_messages_survive_sigkill(tmp_path: Path) -> None:
     delivered: list[str] = []
     first = 0
     for _ in range(ROUNDS):
-        proc = await start(config_path, log)
+        proc = await spawn_node(config_path, log)
         alice = await connect(config, "alice", proc, log)
         acked_total |= await send_until_killed(alice, proc, first)
         await alice.aclose()
         first += 10_000
-        proc = await start(config_path, log)
+        proc = await spawn_node(config_path, log)
         try:
             bob = await connect(config, "bob", proc, log)
             with trio.fail_after(60):
@@ -151,7 +141,7 @@ async def test_acknowledged_messages_survive_sigkill(tmp_path: Path) -> None:
     missing = acked_total - set(delivered)
     assert not missing, f"acknowledged but lost: {sorted(missing)[:10]}"
     assert len(delivered) == len(set(delivered)), "a message was delivered twice"
-    proc = await start(config_path, log)
+    proc = await spawn_node(config_path, log)
     try:
         alice = await connect(config, "alice", proc, log)
         with trio.fail_after(60):

@@ -49,38 +49,6 @@ STANZA_ERROR_TYPES: Final = {
     "unexpected-request": "wait",
 }
 
-# RFC 6120 §4.9.3: stream error conditions.
-STREAM_ERRORS: Final = frozenset(
-    {
-        "bad-format",
-        "bad-namespace-prefix",
-        "conflict",
-        "connection-timeout",
-        "host-gone",
-        "host-unknown",
-        "improper-addressing",
-        "internal-server-error",
-        "invalid-from",
-        "invalid-namespace",
-        "invalid-xml",
-        "not-authorized",
-        "not-well-formed",
-        "policy-violation",
-        "remote-connection-failed",
-        "reset",
-        "resource-constraint",
-        "restricted-xml",
-        "see-other-host",
-        "system-shutdown",
-        "undefined-condition",
-        "unsupported-encoding",
-        "unsupported-feature",
-        "unsupported-stanza-type",
-        "unsupported-version",
-    }
-)
-
-
 def kind(stanza: ET.Element) -> str:
     """'message', 'presence' or 'iq' for a jabber:client/jabber:server stanza, else ''."""
     tag = stanza.tag
