@@ -76,10 +76,12 @@ class ImHarness:
         """Send a stanza as the client would, 'from' stamped like the stream does."""
         stanza = parse_stanza(stanza_xml.encode())
         stanza.set("from", str(client.session.jid))
+        to_jid = None
         if (to := stanza.get("to")) is not None:
-            stanza.set("to", str(JID.parse(to)))
+            to_jid = JID.parse(to)
+            stanza.set("to", str(to_jid))
         kind = stanza.tag.split("}")[1]
-        await self.router.from_client(client.session, stanza, kind)
+        await self.router.from_client(client.session, stanza, kind, to_jid)
 
     async def disconnect(self, client: FakeClient) -> None:
         self.ctx.sessions.remove(client.session)

@@ -143,6 +143,43 @@ async def test_server_answers_ping_disco_version_and_bounces_unknown_users(
     assert bounce.find(f".//{{{STANZA_ERRORS}}}service-unavailable") is not None
 
 
+async def test_pipelined_stanzas_take_effect_in_the_order_sent(harness: Harness) -> None:
+    # One write: archived messages (each waits for its record) interleaved with bounces (no
+    # record) and messages to herself, then an iq. Alice must see her own messages and the
+    # errors strictly interleaved, and the iq answer last; Bob gets his in order.
+    alice = await harness.logged_in("alice")
+    bob = await harness.logged_in("bob")
+    batch = []
+    for n in range(40):
+        batch.append(
+            f"<message to='bob@localhost' id='b{n}' type='chat'><body>{n}</body></message>"
+        )
+        batch.append(
+            f"<message to='alice@localhost' id='s{n}' type='chat'><body>{n}</body></message>"
+        )
+        batch.append(
+            f"<message to='nobody@localhost' id='e{n}' type='chat'><body>x</body></message>"
+        )
+    batch.append("<iq type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    await alice.send("".join(batch).encode())
+    seen = [(await alice.element()).get("id") for _ in range(81)]
+    assert seen == [i for n in range(40) for i in (f"s{n}", f"e{n}")] + ["p1"]
+    assert [(await bob.element()).get("id") for _ in range(40)] == [f"b{n}" for n in range(40)]
+
+
+async def test_messages_sent_just_before_the_stream_closes_are_delivered(
+    harness: Harness,
+) -> None:
+    alice = await harness.logged_in("alice")
+    bob = await harness.logged_in("bob")
+    messages = "".join(
+        f"<message to='bob@localhost' id='b{n}' type='chat'><body>{n}</body></message>"
+        for n in range(60)  # more than one pipeline's worth
+    )
+    await alice.send(messages.encode() + b"</stream:stream>")
+    assert [(await bob.element()).get("id") for _ in range(60)] == [f"b{n}" for n in range(60)]
+
+
 @pytest.mark.parametrize(
     ("stage", "payload", "condition"),
     [

@@ -134,6 +134,34 @@ def test_seal_round_trip_through_msgpack(vault: UserKeyVault) -> None:
     assert unseal(vault, "message", ALICE, record_id, restored) == b"hello, village"
 
 
+def test_a_cached_key_seals_on_the_spot_and_still_binds_the_associated_data(
+    vault: UserKeyVault,
+) -> None:
+    assert vault.cached_data_key(ALICE) is None  # not made yet: that needs a file
+    key = vault.data_key(ALICE)
+    cached = vault.cached_data_key(ALICE)
+    assert cached is key
+    envelope = crypto.seal_with(cached, "message", "r1", b"quick")
+    assert unseal(vault, "message", ALICE, "r1", envelope) == b"quick"
+    assert envelope["k"] == key.key_id
+    # Bound to the key's user, the record type and the record id, exactly as seal() is.
+    vault.data_key(BOB)
+    with pytest.raises(ShreddedError):  # Bob has no key of that id
+        unseal(vault, "message", BOB, "r1", envelope)
+    for rtype, record_id in (("roster", "r1"), ("message", "r2")):
+        with pytest.raises(DecryptError):
+            unseal(vault, rtype, ALICE, record_id, envelope)
+
+
+def test_the_cached_key_is_never_waited_for(vault: UserKeyVault) -> None:
+    vault.data_key(ALICE)
+    with vault._lock:  # a worker thread is busy writing some vault file
+        assert vault.cached_data_key(ALICE) is None
+    assert vault.cached_data_key(ALICE) is not None
+    vault.destroy(ALICE)
+    assert vault.cached_data_key(ALICE) is None
+
+
 def test_seal_empty_plaintext(vault: UserKeyVault) -> None:
     envelope = seal(vault, "roster", ALICE, "r1", b"")
     assert unseal(vault, "roster", ALICE, "r1", envelope) == b""

@@ -128,6 +128,33 @@ async def test_cancelled_writer_still_reaches_the_views(options: StoreOptions) -
         assert store.state.applied_index == store.log.last_index == 1
 
 
+async def test_submitted_records_share_a_batch_and_apply_in_order(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "alice password")
+        batches = store.log.batches_written
+        pending = [
+            await store.submit(Record(ACCOUNT_DELETE, {"u": f"ghost{i}@example.org"}))
+            for i in range(5)
+        ]
+        assert [p.index for p in pending] == [2, 3, 4, 5, 6]
+        assert not any(p.durable for p in pending)
+        # Waiting for the last one is enough: the writer applies whole batches, in order.
+        assert await pending[-1].wait() == 6
+        assert store.state.applied_index == 6
+        assert all(p.durable for p in pending)
+        assert [await p.wait() for p in pending] == [2, 3, 4, 5, 6]
+        assert store.log.batches_written == batches + 1
+
+
+async def test_a_submitted_record_is_applied_with_nobody_waiting(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        progress = store._applied_progress
+        await store.submit(Record(ACCOUNT_DELETE, {"u": "ghost@example.org"}))
+        with trio.fail_after(5):
+            await progress.wait()  # set by the log's writer as it applies the batch
+        assert store.state.applied_index == store.log.last_index == 1
+
+
 def _unseal_all(log_dir: Path, vault: crypto.UserKeyVault, user: str) -> list[bytes]:
     """Open every sealed record of ``user`` in the log at ``log_dir`` with ``vault``."""
     old_log = SegmentLog.open(log_dir)

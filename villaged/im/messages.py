@@ -49,6 +49,7 @@ import copy
 import logging
 import secrets
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from villaged.im import carbons
@@ -82,11 +83,12 @@ from villaged.xmpp.stanza import error_reply
 
 if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
-    from collections.abc import Callable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from villaged.im.context import ImContext
     from villaged.im.sessions import Session
     from villaged.storage.state import Unseal
+    from villaged.storage.store import PendingCommit
 
 MESSAGE_RECORD: Final = PAYLOAD_RECORD
 MAX_ENTRIES: Final = 2  # a message touches at most its sender's and its recipient's data
@@ -199,6 +201,77 @@ def _is_count(value: object, *, minimum: int) -> bool:
     return type(value) is int and value >= minimum
 
 
+class PendingDelivery:
+    """A message accepted for delivery (`Messages.accept_from_client`): its record, if it
+    needs one, is in the log's queue; `complete` waits until that record is durable and
+    applied, then hands the message to sessions and sends the sender any error.
+
+    This split lets a connection read on while a message's record is being written: it
+    accepts the client's messages one after another (their records get increasing log
+    indexes, and can share one fdatasync) and completes them strictly in that order, so the
+    client's stanzas still take effect in order and nothing is delivered, or acknowledged,
+    before it is durable. Errors for the sender wait for `complete` as well, so they never
+    overtake the outcome of an earlier message. A delivery that is never completed (its
+    connection was torn down) must be `abandon`ed.
+    """
+
+    __slots__ = ("_commit", "_hand_over", "_release", "_replies", "sender")
+
+    def __init__(self, sender: Session | None) -> None:
+        self.sender = sender
+        self._replies: list[ET.Element] = []
+        self._commit: PendingCommit | None = None
+        self._hand_over: Callable[[], Awaitable[None]] | None = None
+        self._release: Callable[[], None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether `complete` would not wait for the disk."""
+        return self._commit is None or self._commit.durable
+
+    def reply(self, stanza: ET.Element) -> None:
+        """Send ``stanza`` to the sender when this completes (there is always a sender)."""
+        self._replies.append(stanza)
+
+    def bounce(self, message: ET.Element, condition: str, reason: str | None = None) -> None:
+        """Return ``message`` to its sender with an error, if there is a sender to tell."""
+        if self.sender is not None and message.get("type") != "error":
+            self._replies.append(error_reply(message, condition, text=reason))
+
+    def accepted(
+        self,
+        commit: PendingCommit | None,
+        hand_over: Callable[[], Awaitable[None]],
+        release: Callable[[], None] | None,
+    ) -> None:
+        self._commit, self._hand_over, self._release = commit, hand_over, release
+
+    async def complete(self) -> bool:
+        """Wait for the record, then deliver; True if a session took the message or it was
+        stored offline."""
+        try:
+            if self._commit is not None:
+                await self._commit.wait()
+        finally:
+            self.abandon()
+        if self.sender is not None:
+            for stanza in self._replies:
+                self.sender.send(stanza)
+        self._replies = []
+        hand_over, self._hand_over = self._hand_over, None
+        if hand_over is None:
+            return False
+        await hand_over()
+        return True
+
+    def abandon(self) -> None:
+        """Give back what was reserved for this message (a place in an offline queue). Its
+        record still becomes durable; it is only not handed to sessions."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
 class Messages:
     """Message routing and everything durable about messages.
 
@@ -247,22 +320,32 @@ class Messages:
     async def from_client(self, session: Session, message: ET.Element, to: JID) -> None:
         """A message from a local client ('from' stamped with its full JID). Returns once
         whatever must be durable about it is durable."""
+        await (await self.accept_from_client(session, message, to)).complete()
+
+    async def accept_from_client(
+        self, session: Session, message: ET.Element, to: JID
+    ) -> PendingDelivery:
+        """The first half of `from_client`: route ``message`` and hand its record to the log,
+        without waiting for the disk. The caller completes what this returns, in the order the
+        client sent the messages (see `PendingDelivery`)."""
+        pending = PendingDelivery(session)
         mtype = message.get("type", "normal")
         if not self.ctx.is_local(to):
             if mtype != "error":
-                session.send(error_reply(message, "remote-server-not-found"))
-            return
+                pending.reply(error_reply(message, "remote-server-not-found"))
+            return pending
         if not to.local:
             if mtype not in ("error", "headline"):
-                session.send(error_reply(message, "service-unavailable"))
-            return
+                pending.reply(error_reply(message, "service-unavailable"))
+            return pending
         if not self.ctx.user_exists(to):
             if mtype != "error":
-                session.send(error_reply(message, "service-unavailable"))
-            return
+                pending.reply(error_reply(message, "service-unavailable"))
+            return pending
         strip_stanza_ids(message, self.ctx.domain)
         carbons.strip_forged(message)
-        await self.deliver(message, to, sender=session)
+        await self._accept(pending, message, to)
+        return pending
 
     async def flush_offline(self, session: Session) -> None:
         """Deliver the offline queue to ``session``: the presence feature's ``on_available``
@@ -273,10 +356,18 @@ class Messages:
         """Route ``message`` (its 'from' set) to the local user ``to`` per RFC 6121 §8.5:
         commit what must be durable, then hand it to sessions. True if a session took it or
         it was stored offline. Errors go to ``sender`` when there is one."""
+        pending = PendingDelivery(sender)
+        await self._accept(pending, message, to)
+        return await pending.complete()
+
+    async def _accept(self, pending: PendingDelivery, message: ET.Element, to: JID) -> None:
+        """Everything of `deliver` up to handing the record to the log; what is left to do
+        once it is durable goes into ``pending``."""
+        sender = pending.sender
         mtype = message.get("type", "normal")
-        direct = self._route(message, to, sender)
+        direct = self._route(message, to, pending)
         if direct is None:
-            return False
+            return
         from_jid = _from_jid(message, sender)
         recipient = to.bare
         sender_user = (
@@ -286,8 +377,8 @@ class Messages:
         offline = not direct and mtype in ("chat", "normal")
         if offline and not (self.durable and storable(message)):
             if not self.durable:
-                _bounce(sender, message, "service-unavailable")
-            return False  # content-less (chat states) or no-store: dropped
+                pending.bounce(message, "service-unavailable")
+            return  # content-less (chat states) or no-store: dropped
         archive_in = archive_out = False
         if self.durable and archivable(message):
             archive_in = from_jid is not None and self.mam.archives_with(recipient, from_jid)
@@ -304,8 +395,9 @@ class Messages:
         )
 
         if offline and not self.offline.try_reserve(str(recipient)):
-            _bounce(sender, message, "service-unavailable", "offline storage is full")
-            return False
+            pending.bounce(message, "service-unavailable", "offline storage is full")
+            return
+        commit: PendingCommit | None = None
         try:
             stamp = self._clock()
             entries: list[dict[str, Any]] = []
@@ -319,29 +411,37 @@ class Messages:
                     await self._entry(sender_user, outbound, str(to), stamp, outbound_id, False)
                 )
             if entries:
-                await self.ctx.store.commit(Record(MESSAGE_RECORD, {"e": entries}))
+                commit = await self.ctx.store.submit(Record(MESSAGE_RECORD, {"e": entries}))
         except RecordTooLargeError:
-            _bounce(sender, message, "policy-violation", "message too large to store")
-            return False
-        finally:
+            pending.bounce(message, "policy-violation", "message too large to store")
             if offline:
                 self.offline.release(str(recipient))
+            return
+        except BaseException:
+            if offline:
+                self.offline.release(str(recipient))
+            raise
 
-        for session in direct:
-            session.send(inbound)
-        if copies:
-            self._send_carbons(direct, sender, sender_user, recipient, inbound, outbound)
-        if offline:
-            # A resource may have come online while the record was being written, after
-            # its flush had looked at the queue: hand it over now rather than next login.
-            online = self._available(recipient)
-            if online:
-                await self.offline.flush(max(online, key=lambda s: s.priority))
-        return True
+        async def hand_over() -> None:
+            for session in direct:
+                session.send(inbound)
+            if copies:
+                self._send_carbons(direct, sender, sender_user, recipient, inbound, outbound)
+            if offline:
+                # A resource may have come online while the record was being written, after
+                # its flush had looked at the queue: hand it over now rather than next login.
+                online = self._available(recipient)
+                if online:
+                    await self.offline.flush(max(online, key=lambda s: s.priority))
+
+        release = partial(self.offline.release, str(recipient)) if offline else None
+        pending.accepted(commit, hand_over, release)
 
     # ----- helpers -----------------------------------------------------------------------
 
-    def _route(self, message: ET.Element, to: JID, sender: Session | None) -> list[Session] | None:
+    def _route(
+        self, message: ET.Element, to: JID, pending: PendingDelivery
+    ) -> list[Session] | None:
         """The sessions that get ``message`` itself (possibly none), or None when it goes
         nowhere at all (bounced or dropped)."""
         mtype = message.get("type", "normal")
@@ -350,7 +450,7 @@ class Messages:
             if target is not None:
                 return [target]
         if mtype == "groupchat":
-            _bounce(sender, message, "service-unavailable")
+            pending.bounce(message, "service-unavailable")
             return None
         if mtype == "error" or (to.resource and mtype == "headline"):
             return None  # RFC 6121 §8.5.2.1.1 and §8.5.3.2.1: silently ignored
@@ -431,10 +531,3 @@ def _from_jid(message: ET.Element, sender: Session | None) -> JID | None:
         return JID.parse(message.get("from", ""))
     except JIDError:
         return None
-
-
-def _bounce(
-    sender: Session | None, message: ET.Element, condition: str, reason: str | None = None
-) -> None:
-    if sender is not None and message.get("type") != "error":
-        sender.send(error_reply(message, condition, text=reason))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from villaged.xmpp.jid import JID, JIDError
+from villaged.xmpp.jid import JID
 from villaged.xmpp.stanza import error_reply
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from villaged.im.context import ImContext
     from villaged.im.handlers import IqHandler
-    from villaged.im.messages import Messages
+    from villaged.im.messages import Messages, PendingDelivery
     from villaged.im.presence import Presence
     from villaged.im.sessions import Session
 
@@ -36,15 +36,24 @@ class Router:
 
     # ----- entry points ------------------------------------------------------------------
 
-    async def from_client(self, session: Session, stanza: ET.Element, kind: str) -> None:
-        """A stanza from a bound local client ('from' already stamped by the stream)."""
-        to = _to(stanza)
+    async def from_client(
+        self, session: Session, stanza: ET.Element, kind: str, to: JID | None
+    ) -> None:
+        """A stanza from a bound local client: 'from' already stamped and 'to' (here parsed)
+        already checked by the stream."""
         if kind == "iq":
             await self._iq(session, stanza, to)
         elif kind == "message":
             await self.messages.from_client(session, stanza, to or session.jid.bare)
         else:
             await self.presence.from_client(session, stanza, to)
+
+    async def accept_message(
+        self, session: Session, message: ET.Element, to: JID | None
+    ) -> PendingDelivery:
+        """A message from a bound local client, accepted but not yet delivered: the caller
+        completes it (see ``messages.PendingDelivery``), in the order the client sent them."""
+        return await self.messages.accept_from_client(session, message, to or session.jid.bare)
 
     async def session_ended(self, session: Session) -> None:
         await self.presence.session_ended(session)
@@ -91,16 +100,6 @@ class Router:
             return
         reply = await handler(session, iq)
         session.send(reply)
-
-
-def _to(stanza: ET.Element) -> JID | None:
-    to = stanza.get("to")
-    if to is None:
-        return None
-    try:
-        return JID.parse(to)  # already canonical: the stream checked it
-    except JIDError:
-        return None
 
 
 def _namespace(tag: str) -> str:

@@ -7,6 +7,14 @@ dropped); writes behind one lock from both the reader and the writer task. Outbo
 from other sessions arrive through a small bounded channel; a client too slow to drain it is
 disconnected instead of holding memory for everyone else.
 
+Pipelining: a message is durable before it is delivered, but the reader does not wait for
+the disk. It accepts each message (routing decided, record handed to the log) and queues it;
+a third task completes the queue strictly oldest first (waits for the record, then
+delivers). Messages read while a commit is in flight thus join the next group commit rather
+than waiting their turn, and the client's stanzas still take effect in the order sent. At
+most ``PIPELINE_DEPTH`` messages are in flight per connection; any other stanza waits until
+the queue is empty, and so does a clean end of the stream.
+
 Inbound bytes pass a token bucket (``c2s.bytes_per_second`` refilling ``c2s.burst_bytes``);
 a client that sends faster than that for longer than the burst covers is disconnected with
 ``policy-violation``. Connections per IP are capped before any TLS work is done.
@@ -19,6 +27,7 @@ import itertools
 import logging
 import os
 import xml.etree.ElementTree as ET
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -34,6 +43,7 @@ if TYPE_CHECKING:
 
     from villaged.config import C2SConfig
     from villaged.im.handlers import HandlerRegistry
+    from villaged.im.messages import PendingDelivery
     from villaged.im.router import Router
     from villaged.im.sessions import SessionRegistry
     from villaged.net.tls import TlsContextSource
@@ -43,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("villaged.net.c2s")
 
 READ_CHUNK: Final = 16 * 1024
+#: Messages of one connection accepted but not yet delivered (their records being written);
+#: the reader waits for the oldest once this many are in flight.
+PIPELINE_DEPTH: Final = 32
 WRITE_TIMEOUT_S: Final = 30.0
 CLOSE_TIMEOUT_S: Final = 2.0
 _ping_ids = itertools.count(1)
@@ -135,6 +148,10 @@ class C2SConnection:
         self._bucket = TokenBucket(
             ctx.limits.bytes_per_second, ctx.limits.burst_bytes, trio.current_time()
         )
+        # Accepted messages in the order the client sent them; `_complete_in_order` delivers
+        # them oldest first (see "Pipelining" in the module docstring).
+        self._pipeline: deque[PendingDelivery] = deque()
+        self._pipeline_changed = trio.Event()
 
     def _credentials(self, username: str) -> Mapping[str, ScramCredential] | None:
         return self.ctx.store.credentials(f"{username}@{self.ctx.domain}")
@@ -156,9 +173,14 @@ class C2SConnection:
                     return
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_outbox)
+                    nursery.start_soon(self._complete_in_order)
                     await self._read_until_closed()
+                    await self._drain_pipeline()  # what the client sent before it left
                     nursery.cancel_scope.cancel()
         finally:
+            for pending in self._pipeline:
+                pending.abandon()
+            self._pipeline.clear()
             with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
                 await self._finish()
@@ -237,7 +259,15 @@ class C2SConnection:
                 break
             if isinstance(event, core.StanzaReceived):
                 assert self.session is not None
-                await self.ctx.router.from_client(self.session, event.stanza, event.kind)
+                if event.kind == "message":
+                    await self._accept_message(self.session, event.stanza, event.to)
+                else:
+                    # Presence and iqs may depend on what earlier messages did (and must not
+                    # overtake their errors): let those finish first.
+                    await self._drain_pipeline()
+                    await self.ctx.router.from_client(
+                        self.session, event.stanza, event.kind, event.to
+                    )
             elif isinstance(event, core.StartTls):
                 await self._flush()
                 if not await self._start_tls():
@@ -285,6 +315,37 @@ class C2SConnection:
                 return False
         await self._flush()
         return True
+
+    # ----- pipelining messages ------------------------------------------------------------
+
+    async def _accept_message(self, session: Session, message: ET.Element, to: JID | None) -> None:
+        pending = await self.ctx.router.accept_message(session, message, to)
+        if not self._pipeline and pending.ready:
+            await pending.complete()  # nothing to wait for, nothing to overtake
+            return
+        self._pipeline.append(pending)
+        self._pipeline_changed.set()
+        while len(self._pipeline) >= PIPELINE_DEPTH:
+            await self._pipeline_moved()
+
+    async def _complete_in_order(self) -> None:
+        while True:
+            while not self._pipeline:
+                await self._pipeline_moved()
+            # Left in the deque until complete: if this is cancelled, teardown abandons it.
+            await self._pipeline[0].complete()
+            self._pipeline.popleft()
+            self._pipeline_changed.set()
+
+    async def _drain_pipeline(self) -> None:
+        while self._pipeline:
+            await self._pipeline_moved()
+
+    async def _pipeline_moved(self) -> None:
+        changed = self._pipeline_changed
+        if changed.is_set():
+            self._pipeline_changed = changed = trio.Event()
+        await changed.wait()
 
     def _bind(self, resource: str | None) -> None:
         username = self.stream.username
@@ -343,6 +404,13 @@ class C2SConnection:
     async def _write_outbox(self) -> None:
         async for stanza in self._outbox_receive:
             self.stream.send_stanza(stanza)
+            # Everything else already queued goes out in the same TLS write: one record and
+            # one send() per wakeup instead of per stanza (the queue is bounded, so is this).
+            while True:
+                try:
+                    self.stream.send_stanza(self._outbox_receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
             try:
                 await self._flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -235,6 +235,28 @@ class _Batch:
         self.error: str | None = None
 
 
+class Appended:
+    """A record handed to the log by :meth:`SegmentLog.submit`: its index, and its batch."""
+
+    __slots__ = ("_batch", "index")
+
+    def __init__(self, index: int, batch: _Batch) -> None:
+        self.index = index
+        self._batch = batch
+
+    @property
+    def durable(self) -> bool:
+        """Whether the record is durable now (``wait`` would return without waiting)."""
+        return self._batch.done.is_set() and self._batch.error is None
+
+    async def wait(self) -> int:
+        """Return the index once the record is durable; LogWriteError if its batch failed."""
+        await self._batch.done.wait()
+        if self._batch.error is not None:
+            raise LogWriteError(self._batch.error)
+        return self.index
+
+
 class _Job:
     """A control operation the writer runs between batches."""
 
@@ -295,6 +317,12 @@ class SegmentLog:
         self._closed = False
         self._fds_closed = False
         self._failure: str | None = None
+
+        #: Called by the writer, with the new last durable index, each time a batch has
+        #: become durable and before its appenders wake (the store applies records here, so
+        #: that a durable record reaches the views whether or not its appender still waits).
+        #: It must not raise and must not block.
+        self.on_durable: Callable[[int], None] | None = None
 
         #: Batches and records made durable since open (for metrics and the benchmark).
         self.batches_written = 0
@@ -477,6 +505,18 @@ class SegmentLog:
         :class:`RecordTooLargeError` or :class:`~villaged.storage.records.RecordEncodeError`
         (nothing written, no index used) or :class:`LogWriteError`.
         """
+        appended = await self.submit(record)
+        return await appended.wait()
+
+    async def submit(self, record: Record) -> Appended:
+        """The first half of :meth:`append`: give ``record`` its index and frame it into the
+        open batch, without waiting for it to become durable (``Appended.wait`` does that).
+
+        Waits only when the queue is full or a control job holds the gate; once it returns
+        the record is queued and will become durable unless its batch fails. A caller can
+        so hand over several records in order, one after another, and wait for all of them
+        at once. Raises as :meth:`append` does before anything is written.
+        """
         if self._gating_jobs or self._pending_bytes >= self._max_pending_bytes or self._closed:
             await self._admit()
         elif self._failure is not None:
@@ -496,10 +536,7 @@ class SegmentLog:
             raise self._too_large(payload)
         batch = self._add_frame(index, record.term, payload)
         self._next_index = index + 1
-        await batch.done.wait()
-        if batch.error is not None:
-            raise LogWriteError(batch.error)
-        return index
+        return Appended(index, batch)
 
     async def append_many(self, records: Sequence[Record]) -> list[int]:
         """Append ``records`` at consecutive indexes, all in one batch (one ``fdatasync``).
@@ -690,6 +727,8 @@ class SegmentLog:
         self._pending_bytes -= len(data)
         self.batches_written += 1
         self.records_written += len(batch.offsets)
+        if self.on_durable is not None:
+            self.on_durable(self._last_index)
         batch.done.set()
 
     async def _roll(self, base: int) -> _Segment:

@@ -114,6 +114,7 @@ class BindRequested(Event):
 class StanzaReceived(Event):
     stanza: ET.Element  # 'from' already stamped with the session's full JID
     kind: str  # "message" | "presence" | "iq"
+    to: JID | None = None  # 'to' parsed (and written back in canonical form), if present
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,14 +450,16 @@ class C2SStream:
             self._stream_error("invalid-from", "'from' must be your own JID")
             return
         stanza.set("from", str(self.jid))
+        to_jid = None
         if (to := stanza.get("to")) is not None:
             try:
-                stanza.set("to", str(JID.parse(to)))
+                to_jid = JID.parse(to)
             except JIDError as exc:
                 if stanza.get("type") != "error":
                     self._send(_addressed_back(error_reply(stanza, "jid-malformed", text=str(exc))))
                 return
-        self._events.append(StanzaReceived(stanza, stanza_kind))
+            stanza.set("to", str(to_jid))
+        self._events.append(StanzaReceived(stanza, stanza_kind, to_jid))
 
 
 def _sasl_element(name: str, data: bytes | None) -> bytes:

@@ -49,6 +49,7 @@ STANZA_ERROR_TYPES: Final = {
     "unexpected-request": "wait",
 }
 
+
 def kind(stanza: ET.Element) -> str:
     """'message', 'presence' or 'iq' for a jabber:client/jabber:server stanza, else ''."""
     tag = stanza.tag
