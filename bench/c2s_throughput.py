@@ -39,7 +39,7 @@ from villaged.xmpp import xml
 
 ROOT = Path(__file__).resolve().parent.parent
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
-PORT_BASE = 47222
+PORT_BASE = 25222  # below the ephemeral port range, so client sockets never hold it
 
 
 def header() -> bytes:
