@@ -53,7 +53,7 @@ from villaged.storage.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Iterator
     from pathlib import Path
 
 KEYSET_FORMAT: Final = "villaged-keyset/1"
@@ -217,18 +217,8 @@ def _parse_keyset(path: Path, raw: bytes) -> Keyset:
     doc = _parse_json_object(raw, bad)
     if doc.get("format") != KEYSET_FORMAT:
         raise bad(f"format tag is not {KEYSET_FORMAT!r}")
-    entries = doc.get("keys")
-    if not isinstance(entries, list) or not entries:
-        raise bad("'keys' is not a non-empty list")
     keks: dict[int, _Kek] = {}
-    for position, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict):
-            raise bad(f"keys entry #{position} is not an object")
-        key_id = entry.get("id")
-        if not _is_key_id(key_id):
-            raise bad(f"keys entry #{position}: 'id' is not an integer from 1 to {MAX_KEY_ID}")
-        if key_id in keks:
-            raise bad(f"key id {key_id} appears more than once")
+    for key_id, entry in _key_entries(doc, bad, "key"):
         created = _parse_time(entry.get("created"))
         if created is None:
             raise bad(f"key {key_id}: 'created' is not an ISO 8601 time with a UTC offset")
@@ -242,6 +232,26 @@ def _parse_keyset(path: Path, raw: bytes) -> Keyset:
     if not _is_key_id(primary) or primary not in keks:
         raise bad(f"'primary' is not one of the key ids ({_id_list(keks)})")
     return Keyset(keks.values(), primary)
+
+
+def _key_entries(
+    doc: dict[str, Any], bad: Callable[[str], KeyFileError], what: str
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The ``keys`` list of a keyset or vault file: (id, entry) pairs, ids unique and valid."""
+    entries = doc.get("keys")
+    if not isinstance(entries, list) or not entries:
+        raise bad("'keys' is not a non-empty list")
+    seen: set[int] = set()
+    for position, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            raise bad(f"keys entry #{position} is not an object")
+        key_id = entry.get("id")
+        if not _is_key_id(key_id):
+            raise bad(f"keys entry #{position}: 'id' is not an integer from 1 to {MAX_KEY_ID}")
+        if key_id in seen:
+            raise bad(f"{what} id {key_id} appears more than once")
+        seen.add(key_id)
+        yield key_id, entry
 
 
 def _wrapped_kek_id(blob: bytes) -> int | None:
@@ -475,18 +485,8 @@ def _parse_vault_file(path: Path, raw: bytes) -> tuple[str, dict[int, bytes]]:
     if not isinstance(user, str) or _vault_name(user) != path.name:
         # Also what a file copied or renamed from another user looks like.
         raise bad("'user' is not the user this file is named for")
-    entries = doc.get("keys")
-    if not isinstance(entries, list) or not entries:
-        raise bad("'keys' is not a non-empty list")
     wrapped: dict[int, bytes] = {}
-    for position, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict):
-            raise bad(f"keys entry #{position} is not an object")
-        key_id = entry.get("id")
-        if not _is_key_id(key_id):
-            raise bad(f"keys entry #{position}: 'id' is not an integer from 1 to {MAX_KEY_ID}")
-        if key_id in wrapped:
-            raise bad(f"data key id {key_id} appears more than once")
+    for key_id, entry in _key_entries(doc, bad, "data key"):
         blob = _parse_base64(entry.get("wrapped"))
         if blob is None:
             raise bad(f"data key {key_id}: 'wrapped' is not base64")
