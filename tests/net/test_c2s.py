@@ -16,6 +16,7 @@ from tests.net.rawclient import RawClient, header
 from tests.ports import free_port_base
 from villaged.app import Node, _shut_down, run_node
 from villaged.config import load_config
+from villaged.net.c2s import HANDSHAKES_PER_IP
 from villaged.ops.provision import init_dev
 from villaged.storage.store import StoreOptions, open_store
 
@@ -228,6 +229,23 @@ async def test_connections_that_never_finish_tls_are_dropped(harness: Harness) -
             assert await sock.receive_some(1) == b""
             await sock.aclose()
     await chat_works(harness, alice, bob, "after they were dropped")
+
+
+async def test_handshakes_from_one_address_take_turns(harness: Harness) -> None:
+    c2s = harness.node.c2s
+    stalled = [
+        await trio.open_tcp_stream("127.0.0.1", harness.c2s_tls) for _ in range(HANDSHAKES_PER_IP)
+    ]
+    await trio.sleep(0.5)  # handshake_timeout is 1 s in this node
+    assert c2s.handshakes_per_ip["127.0.0.1"].borrowed_tokens == HANDSHAKES_PER_IP
+    started = trio.current_time()
+    client = await harness.client(direct_tls=True)  # waits for a stalled one to be dropped
+    assert trio.current_time() - started >= 0.3
+    await client.login("alice", "alice-password", starttls=False)
+    for sock in stalled:
+        assert await sock.receive_some(1) == b""
+        await sock.aclose()
+    assert c2s.handshakes_per_ip == {}
 
 
 async def test_plain_text_on_the_direct_tls_port_is_dropped(harness: Harness) -> None:

@@ -303,6 +303,25 @@ def test_data_pipelined_after_starttls_is_refused() -> None:
     assert not any(e.tag.endswith("proceed") for e in client.received)
 
 
+@pytest.mark.parametrize("after", [b"", b"<<not xml", b"<iq type='get' id='early'/>"])
+def test_input_after_sasl_success_is_discarded_by_the_restart(after: bytes) -> None:
+    client = Client()
+    client.starttls()
+    client.send(HEADER)
+    client.take()
+    scram = ScramClient("SCRAM-SHA-256", "alice", PASSWORD)
+    first = base64.b64encode(scram.client_first()).decode()
+    client.send(f"<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256'>{first}</auth>".encode())
+    challenge = client.take()[-1]
+    final = base64.b64encode(scram.client_final(base64.b64decode(challenge.text or "")))
+    events = client.send(f"<response xmlns='{SASL}'>{final.decode()}</response>".encode() + after)
+    assert [type(e) for e in events] == [AuthSucceeded]
+    assert client.take()[-1].tag == f"{{{SASL}}}success"
+    client.restart()
+    assert client.bind() == JID.parse(f"alice@{DOMAIN}/phone")
+    assert client.server.phase is Phase.READY
+
+
 def test_pre_bind_session_and_bad_requests() -> None:
     client = Client(direct_tls=True)
     client.authenticate()

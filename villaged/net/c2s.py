@@ -56,6 +56,12 @@ READ_CHUNK: Final = 16 * 1024
 #: Messages of one connection accepted but not yet delivered (their records being written);
 #: the reader waits for the oldest once this many are in flight.
 PIPELINE_DEPTH: Final = 32
+#: TLS handshakes in progress at once from one address. OpenSSL holds ~40 KiB for a handshake
+#: in progress and ~10 KiB once it is done; after a burst of logins (every client reconnecting
+#: after a restart) glibc keeps what the burst peaked at, so unbounded handshakes left the node
+#: ~30 KiB per connection heavier for good. Per address, so that clients stalling their
+#: handshakes from one address cannot hold back everyone else's.
+HANDSHAKES_PER_IP: Final = 16
 WRITE_TIMEOUT_S: Final = 30.0
 CLOSE_TIMEOUT_S: Final = 2.0
 _ping_ids = itertools.count(1)
@@ -89,6 +95,7 @@ class C2SContext:
     router: Router
     unknown_user_secret: bytes
     connections_per_ip: dict[str, int] = field(default_factory=dict)
+    handshakes_per_ip: dict[str, trio.CapacityLimiter] = field(default_factory=dict)
 
     def stream_settings(self) -> core.StreamSettings:
         return core.StreamSettings(
@@ -363,15 +370,26 @@ class C2SConnection:
         log.info("bound", extra={"event": "c2s.bound", "jid": str(full), "peer": self.peer})
 
     async def _start_tls(self) -> bool:
-        ssl_stream = trio.SSLStream(self.tcp, self.tls.context, server_side=True)
+        turns = self.ctx.handshakes_per_ip
+        limiter = turns.get(self.peer)
+        if limiter is None:
+            limiter = turns[self.peer] = trio.CapacityLimiter(HANDSHAKES_PER_IP)
         try:
+            # Waiting for a turn counts against the handshake timeout.
             with trio.fail_after(self.ctx.limits.handshake_timeout):
-                await ssl_stream.do_handshake()
+                async with limiter:
+                    ssl_stream = trio.SSLStream(self.tcp, self.tls.context, server_side=True)
+                    await ssl_stream.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else "failed"
             _security(f"TLS handshake {reason}", "c2s.tls_failed", self)
             self.stream.phase = core.Phase.CLOSED  # nothing more may be sent in the clear
             return False
+        finally:
+            statistics = limiter.statistics()
+            idle = not statistics.borrowed_tokens and not statistics.tasks_waiting
+            if idle and turns.get(self.peer) is limiter:
+                del turns[self.peer]
         self.transport = ssl_stream
         return True
 

@@ -249,8 +249,14 @@ NEED_DATA: Final = NeedData.NEED_DATA
 _GATE_BYTES: Final = 4096
 # How many times per held token a chunk containing ">" may be handed over early.
 _GATE_PEEKS: Final = 8
-# Names expat interns per document; the table is emptied when it grows past this.
+# Names expat interns, in one table shared by every parser of the process (one copy of
+# ``jabber:client}message`` rather than one per connection); emptied when it grows past this.
 _MAX_INTERNED: Final = 1024
+_INTERNED: Final[dict[str, str]] = {}
+# Expat's buffer that joins character data split across its callbacks (8 KiB by default,
+# allocated per parser, so per connection); longer text arrives in pieces of this size,
+# which TreeBuilder joins.
+_TEXT_BUFFER_BYTES: Final = 1024
 _XML_LANG: Final = "{" + XML_NS + "}lang"
 _FRAMING_OPEN: Final = "{" + FRAMING_NS + "}open"
 _FRAMING_CLOSE: Final = "{" + FRAMING_NS + "}close"
@@ -324,8 +330,8 @@ class _ExpatDocument:
     # -- per document ------------------------------------------------------------------------
 
     def _start_document(self) -> None:
-        self._interned: dict[str, str] = {}
-        parser = expat.ParserCreate("UTF-8", "}", self._interned)
+        parser = expat.ParserCreate("UTF-8", "}", _INTERNED)
+        parser.buffer_size = _TEXT_BUFFER_BYTES
         parser.buffer_text = True
         parser.StartElementHandler = self._on_start
         parser.EndElementHandler = self._on_end
@@ -394,8 +400,8 @@ class _ExpatDocument:
             builder = self._builder
             builder.end(name)
             self._parser.CharacterDataHandler = self._outer_text
-            if len(self._interned) > _MAX_INTERNED:
-                self._interned.clear()
+            if len(_INTERNED) > _MAX_INTERNED:
+                _INTERNED.clear()
             self._on_element(builder.close())
         else:
             self._on_root_end()
