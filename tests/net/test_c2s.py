@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ from villaged.app import Node, _shut_down, run_node
 from villaged.config import load_config
 from villaged.net.c2s import HANDSHAKES_PER_IP
 from villaged.ops.provision import init_dev
+from villaged.storage.errors import LogWriteError
 from villaged.storage.store import StoreOptions, open_store
 
 if TYPE_CHECKING:
@@ -328,3 +330,39 @@ async def test_a_flood_beyond_the_rate_limit_is_a_policy_violation(
     for client in h.clients:
         await client.aclose()
     nursery.cancel_scope.cancel()
+
+
+async def test_replies_to_pipelined_stanzas_arrive_before_our_close(harness: Harness) -> None:
+    alice = await harness.logged_in("alice")
+    burst = b"".join(
+        f"<message to='nobody@localhost' id='n{i}' type='chat'><body>x</body></message>".encode()
+        for i in range(20)
+    )
+    await alice.send(burst + b"</stream:stream>")
+    bounced = []
+    while (got := await alice.next()) is not None:
+        if isinstance(got, ET.Element) and got.get("type") == "error":
+            bounced.append(got.get("id"))
+    assert bounced == [f"n{i}" for i in range(20)]
+
+
+async def test_a_storage_failure_ends_one_stream_not_the_node(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    alice = await harness.logged_in("alice")
+    bob = await harness.logged_in("bob")
+    store = harness.node.store
+
+    async def disk_full(record: object) -> object:
+        raise LogWriteError("simulated: no space left on device")
+
+    monkeypatch.setattr(store, "submit", disk_full)
+    await alice.send(b"<message to='bob@localhost' type='chat'><body>lost?</body></message>")
+    assert await alice.stream_error() == "internal-server-error"
+    assert any(getattr(r, "event", "") == "c2s.storage_failed" for r in caplog.records)
+    monkeypatch.undo()
+    await bob.send(b"<iq type='get' id='still' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    assert (await bob.element()).get("id") == "still"
+    carol = await harness.logged_in("carol")  # the listener still accepts logins
+    await carol.send(b"<message to='bob@localhost' type='chat'><body>after</body></message>")
+    assert (await bob.element()).findtext("{jabber:client}body") == "after"

@@ -191,7 +191,13 @@ def test_full_negotiation_then_chat() -> None:
     assert got[-1].findtext("{jabber:client}body") == "'quoted' \"text\""
 
     assert client.send(b"</stream:stream>") == [StreamEnded(by_peer=True)]
-    assert client.closed
+    assert not client.closed, "our closing tag waits for replies still on their way"
+    client.server.send_stanza(incoming)  # a late reply still goes out before the close
+    client.server.close()
+    client._read()
+    assert client.take()[-1].findtext("{jabber:client}body") == "'quoted' \"text\""
+    assert client.raw.endswith(xml.STREAM_CLOSE)
+    assert client.send(b"<message/>") == []  # nothing is read after the peer closed
     client.server.send_stanza(incoming)  # after the end: dropped, nothing sent
     assert client.server.data_to_send() == b""
 

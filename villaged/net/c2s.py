@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from villaged.im.sessions import Session
+from villaged.storage.errors import StorageError
 from villaged.xmpp import c2s as core
 from villaged.xmpp.jid import JID
 from villaged.xmpp.xml import XmlLimits
@@ -123,7 +124,11 @@ async def serve_c2s(
     log.info("listening", extra={"event": "c2s.listening", "listener": kind, "port": port})
 
     async def handler(stream: trio.SocketStream) -> None:
-        await C2SConnection(ctx, stream, tls, direct_tls=direct_tls).run()
+        try:
+            await C2SConnection(ctx, stream, tls, direct_tls=direct_tls).run()
+        except Exception:
+            # A bug in one connection must not take the listener (and every client) down.
+            log.exception("connection failed", extra={"event": "c2s.connection_failed"})
 
     await trio.serve_listeners(handler, listeners, task_status=task_status)
 
@@ -178,12 +183,28 @@ class C2SConnection:
             with self._scope:
                 if self.direct_tls and not await self._start_tls():
                     return
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write_outbox)
-                    nursery.start_soon(self._complete_in_order)
-                    await self._read_until_closed()
-                    await self._drain_pipeline()  # what the client sent before it left
-                    nursery.cancel_scope.cancel()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._write_outbox)
+                        nursery.start_soon(self._complete_in_order)
+                        await self._read_until_closed()
+                        await self._drain_pipeline()  # what the client sent before it left
+                        nursery.cancel_scope.cancel()
+                except* StorageError as group:
+                    # A write failed (disk full, I/O error) or the store stopped: this stream
+                    # ends with an error the client can see, and the node keeps serving.
+                    log.error(
+                        "storage failure while handling a client",
+                        extra={
+                            "event": "c2s.storage_failed",
+                            "error": str(group.exceptions[0]),
+                            "peer": self.peer,
+                        },
+                    )
+                    self._terminate = self._terminate or (
+                        "internal-server-error",
+                        "the server could not store your data",
+                    )
         finally:
             for pending in self._pipeline:
                 pending.abandon()
@@ -205,6 +226,13 @@ class C2SConnection:
             self._scope.cancel()
 
     async def _finish(self) -> None:
+        # Replies already queued for this client (e.g. errors for its last messages) go out
+        # before the stream ends.
+        while True:
+            try:
+                self.stream.send_stanza(self._outbox_receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
         if self.session is not None:
             self.ctx.sessions.remove(self.session)
             await self.ctx.router.session_ended(self.session)
@@ -235,17 +263,21 @@ class C2SConnection:
                 if bound
                 else negotiation_deadline
             )
+            data: bytes | None = None
+            # Only the wait for bytes is under the deadline: once a stanza has been read,
+            # handling it (which may wait for a commit) must never be cut short.
             with trio.move_on_at(deadline):
                 try:
-                    data = await self.transport.receive_some(READ_CHUNK)
+                    data = bytes(await self.transport.receive_some(READ_CHUNK))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
+            if data is not None:
                 pinged = False
                 if not self._bucket.take(len(data), trio.current_time()):
                     _security("client sends faster than allowed", "c2s.rate_limited", self)
                     self.terminate("policy-violation", "sending faster than allowed")
                     return
-                if not await self._process(bytes(data)):
+                if not await self._process(data):
                     return
                 continue
             if not bound:

@@ -171,6 +171,7 @@ class C2SStream:
         self.username: str | None = None
         self.jid: JID | None = None
         self.stream_id = ""
+        self.peer_closed = False  # the client sent </stream:stream>; we have not closed yet
         self._parser = xml.StreamParser(settings.limits)
         self._header_seen = False
         self._out: list[bytes] = []
@@ -182,7 +183,7 @@ class C2SStream:
     # ----- driver API --------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        if self.phase is Phase.CLOSED:
+        if self.phase is Phase.CLOSED or self.peer_closed:
             return
         try:
             self._parser.receive_data(data)
@@ -190,7 +191,11 @@ class C2SStream:
             self._stream_error(exc.condition, exc.text)
 
     def next_event(self) -> Event | _NeedData:
-        while not self._events and self.phase not in (Phase.CLOSED, Phase.AWAIT_TLS):
+        while (
+            not self._events
+            and self.phase not in (Phase.CLOSED, Phase.AWAIT_TLS)
+            and not self.peer_closed
+        ):
             try:
                 parsed = self._parser.next_event()
             except xml.XmlStreamError as exc:
@@ -288,8 +293,9 @@ class C2SStream:
         elif isinstance(parsed, xml.StanzaReceived):
             self._on_element(parsed.element)
         elif isinstance(parsed, xml.StreamClosed):
-            self._out.append(xml.STREAM_CLOSE)
-            self.phase = Phase.CLOSED
+            # Our own closing tag waits for the driver's close(): replies to what the client
+            # sent before it closed may still be on their way, and they must go out first.
+            self.peer_closed = True
             self._events.append(StreamEnded(by_peer=True))
         elif isinstance(parsed, xml.ConnectionClosed):
             self.phase = Phase.CLOSED
