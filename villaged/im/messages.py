@@ -423,10 +423,14 @@ class Messages:
             raise
 
         async def hand_over() -> None:
-            for session in direct:
+            # Sessions chosen at accept time may have gone while the record was written.
+            live = [s for s in direct if self.ctx.sessions.get(s.jid) is s]
+            for session in live:
                 session.send(inbound)
             if copies:
-                self._send_carbons(direct, sender, sender_user, recipient, inbound, outbound)
+                self._send_carbons(
+                    live, sender, sender_user, recipient, inbound, outbound, offline=offline
+                )
             if offline:
                 # A resource may have come online while the record was being written, after
                 # its flush had looked at the queue: hand it over now rather than next login.
@@ -487,9 +491,12 @@ class Messages:
         recipient: JID,
         inbound: ET.Element,
         outbound: ET.Element,
+        *,
+        offline: bool = False,
     ) -> None:
         # No resource gets two copies: those that got the message, and the sending one,
-        # get no carbon; a message to oneself yields sent carbons only.
+        # get no carbon; a message to oneself yields sent carbons only. A message routed to
+        # offline storage gets no received carbons: the offline flush delivers it.
         served: set[Session] = set(direct)
         if sender is not None:
             served.add(sender)
@@ -499,7 +506,7 @@ class Messages:
                 if session not in served and carbons.wants_copies(session):
                     session.send(carbons.wrap("sent", sender_user, session.jid, outbound))
                     served.add(session)
-        if sender_user != recipient:
+        if sender_user != recipient and not offline:
             for session in sessions.of_user(recipient):
                 if session not in served and carbons.wants_copies(session):
                     session.send(carbons.wrap("received", recipient, session.jid, inbound))
