@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import shutil
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
 import trio.testing
 
 from villaged.storage import crypto
+from villaged.storage import store as store_module
 from villaged.storage.errors import (
     DataDirError,
     KeyManagementError,
@@ -33,6 +34,7 @@ from villaged.storage.store import (
 from villaged.xmpp.scram import password_matches
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
 
@@ -389,3 +391,67 @@ def test_node_secret_is_made_once_and_kept(options: StoreOptions) -> None:
             store.node_secret("../x")
     finally:
         store.close()
+
+
+class _NotesView:
+    """A view of sealed notes, to watch how the store opens what it applies."""
+
+    name = "notes"
+    record_types: Mapping[str, int] = {"note": 1}
+
+    def __init__(self) -> None:
+        self.notes: list[bytes] = []
+
+    def validate(self, rtype: str, body: Mapping[str, Any]) -> None:
+        pass
+
+    def apply(self, rtype: str, body: Mapping[str, Any], unseal: Any) -> None:
+        try:
+            self.notes.append(unseal(rtype, body["u"], body["id"], body["s"]))
+        except ShreddedError:
+            self.notes.append(b"<shredded>")
+
+    def to_snapshot(self) -> Any:
+        return None
+
+    def restore(self, data: Any, unseal: Any) -> None:
+        pass
+
+
+async def test_a_record_sealed_here_applies_without_decrypting_unless_its_key_is_gone(
+    options: StoreOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decrypted: list[str] = []
+    real_unseal = crypto.unseal
+
+    def counting_unseal(*args: Any) -> bytes:
+        decrypted.append(args[3])
+        return real_unseal(*args)
+
+    monkeypatch.setattr(crypto, "unseal", counting_unseal)
+    view = _NotesView()
+    async with open_store(options, [view]) as store:
+        await store.add_user("alice@example.org", "alice password")
+        decrypted.clear()
+        body = await store.sealed_body("note", "alice@example.org", b"first")
+        await store.commit(Record("note", body))
+        assert view.notes == [b"first"]
+        assert decrypted == []  # the plaintext sealed here was used as it was
+        # A body whose user's key was destroyed before it applied is shredded, exactly as
+        # replaying the log would find it.
+        body = await store.sealed_body("note", "alice@example.org", b"second")
+        store.vault.destroy("alice@example.org")
+        await store.commit(Record("note", body))
+        assert view.notes == [b"first", b"<shredded>"]
+        assert decrypted == [body["id"]]
+    view = _NotesView()
+    async with open_store(options, [view]):
+        assert view.notes == [b"<shredded>", b"<shredded>"]  # replay: every note decrypted
+
+
+async def test_sealed_but_never_submitted_plaintexts_are_bounded(options: StoreOptions) -> None:
+    async with open_store(options) as store:
+        await store.add_user("alice@example.org", "alice password")
+        for _ in range(store_module._SEALED_MEMO_LIMIT + 10):
+            await store.sealed_body("note", "alice@example.org", b"abandoned")
+        assert len(store._sealed_here) == store_module._SEALED_MEMO_LIMIT

@@ -51,3 +51,12 @@ def test_unicode_local_and_domain() -> None:
 def test_bad_jids_name_the_part(text: str, fragment: str) -> None:
     with pytest.raises(JIDError, match=fragment):
         JID.parse(text)
+
+
+def test_repeated_parses_agree_and_errors_are_raised_every_time() -> None:
+    assert JID.parse("Alice@Example.ORG/phone") is JID.parse("Alice@Example.ORG/phone")
+    long_resource = "r" * 200  # past the cache: parsed afresh, same result
+    assert JID.parse(f"a@b/{long_resource}") == JID.parse(f"a@b/{long_resource}")
+    for _ in range(2):
+        with pytest.raises(JIDError, match="localpart"):
+            JID.parse("a b@example.org")

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import secrets
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -75,6 +74,7 @@ from villaged.im.offline import (
     storable,
     validate_delivered,
 )
+from villaged.storage.entropy import random_token
 from villaged.storage.errors import RecordTooLargeError, ShreddedError
 from villaged.storage.records import Record
 from villaged.storage.state import StateError, text
@@ -100,7 +100,7 @@ log = logging.getLogger("villaged.im.messages")
 def new_archive_id() -> str:
     """An archive UID / stanza-id: 128 random bits, so unguessable and, in practice, unique
     (XEP-0313 and XEP-0359 ask for both)."""
-    return secrets.token_urlsafe(16)
+    return random_token(16)
 
 
 def _now_micros() -> int:

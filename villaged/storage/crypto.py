@@ -45,6 +45,7 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from villaged.storage.entropy import random_bytes, random_token
 from villaged.storage.errors import (
     DecryptError,
     KeyFileError,
@@ -547,7 +548,7 @@ def _check_user(user: str) -> None:
 
 def new_record_id() -> str:
     """A fresh 128-bit random record id (22 characters of URL-safe base64)."""
-    return secrets.token_urlsafe(16)
+    return random_token(16)
 
 
 def seal(
@@ -568,7 +569,7 @@ def seal_with(key: DataKey, record_type: str, record_id: str, plaintext: bytes) 
     _check_label("record id", record_id)
     # Random nonces are safe up to about 2**32 seals per DEK; a user would need billions of
     # sealed records to get near that, and DEK rotation (new id, same file) is the remedy.
-    nonce = os.urandom(NONCE_BYTES)
+    nonce = random_bytes(NONCE_BYTES)
     associated = _seal_associated(record_type, key.user, record_id, key.key_id)
     ciphertext = key._aead.encrypt(nonce, plaintext, associated)
     return {"k": key.key_id, "n": nonce, "c": ciphertext}

@@ -80,6 +80,11 @@ class StoreOptions:
         )
 
 
+#: Plaintexts of sealed bodies kept until their record is applied (``Store._unseal``); more
+#: than the records in flight at once, fewer than would matter for memory.
+_SEALED_MEMO_LIMIT: Final = 4096
+
+
 class StoreFailedError(StorageError):
     """A durable record could not be applied to the views; the store stops taking writes."""
 
@@ -109,6 +114,8 @@ class Store:
         self._failure: StoreFailedError | None = None
         self._account_lock = trio.Lock()
         self._applied_progress = trio.Event()
+        # Payloads sealed here and not yet applied (see ``_unseal``), oldest first.
+        self._sealed_here: dict[str, tuple[Mapping[str, Any], bytes]] = {}
         # The log's writer applies each batch as it becomes durable (see ``submit``).
         segment_log.on_durable = self._on_durable
 
@@ -162,6 +169,15 @@ class Store:
             task_status.started()
 
     def _unseal(self, rtype: str, user: str, record_id: str, envelope: Mapping[str, Any]) -> bytes:
+        # Applying a record this process just sealed needs no decryption: the plaintext is
+        # remembered for exactly that envelope object, and used only while the user's key is
+        # still the one it was sealed under (a deleted user's entries must still fail as
+        # ShreddedError, as they would when the log is replayed).
+        memo = self._sealed_here.pop(record_id, None)
+        if memo is not None and memo[0] is envelope:
+            key = self.vault.cached_data_key(user)
+            if key is not None and key.key_id == envelope["k"]:
+                return memo[1]
         return crypto.unseal(self.vault, rtype, user, record_id, envelope)
 
     async def sealed_body(self, rtype: str, user: str, plaintext: bytes) -> dict[str, Any]:
@@ -177,7 +193,12 @@ class Store:
             key = await trio.to_thread.run_sync(self.vault.data_key, user)
         else:
             await trio.lowlevel.checkpoint()
-        return {"u": user, "id": record_id, "s": crypto.seal_with(key, rtype, record_id, plaintext)}
+        envelope = crypto.seal_with(key, rtype, record_id, plaintext)
+        memos = self._sealed_here
+        if len(memos) >= _SEALED_MEMO_LIMIT:  # bodies sealed and then never submitted
+            del memos[next(iter(memos))]
+        memos[record_id] = (envelope, plaintext)
+        return {"u": user, "id": record_id, "s": envelope}
 
     def unseal_body(self, rtype: str, body: Mapping[str, Any]) -> bytes:
         """The plaintext of a body made by ``sealed_body`` (ShreddedError if its user's key

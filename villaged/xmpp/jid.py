@@ -8,6 +8,7 @@ checked label by label (IDNA for non-ASCII labels, IP literals allowed). Every p
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import unicodedata
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from precis_i18n import get_profile
 
 _MAX_PART = 1023
+_CACHED_TEXT = 128  # longer texts are parsed every time, so the cache stays small
 # RFC 7622 §3.3.1: characters a localpart must not contain even though PRECIS allows them.
 _LOCAL_FORBIDDEN = frozenset("\"&'/:<>@")
 _USERNAME = get_profile("UsernameCaseMapped")
@@ -35,6 +37,16 @@ class JID:
 
     @classmethod
     def parse(cls, text: str) -> JID:
+        """Parse and prepare ``text``; JIDError says which part is wrong and why.
+
+        PRECIS preparation is the costly part of routing a stanza, and the same few JIDs
+        recur: results for short texts are kept in a bounded cache (JIDs are immutable)."""
+        if len(text) <= _CACHED_TEXT and cls is JID:
+            return _parse_cached(text)
+        return cls._parse(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> JID:
         try:
             text.encode()
         except UnicodeEncodeError as exc:
@@ -73,6 +85,9 @@ class JID:
     def __str__(self) -> str:
         text = f"{self.local}@{self.domain}" if self.local else self.domain
         return f"{text}/{self.resource}" if self.resource else text
+
+
+_parse_cached = functools.lru_cache(maxsize=4096)(JID._parse)
 
 
 def prepare_localpart(local: str) -> str:
