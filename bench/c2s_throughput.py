@@ -33,6 +33,7 @@ from pathlib import Path
 import trio
 
 from villaged.config import load_config
+from villaged.net.c2s import COMPACT_AFTER_S
 from villaged.ops.provision import init_dev
 from villaged.storage.store import StoreOptions, open_store
 from villaged.xmpp import xml
@@ -188,7 +189,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 async with trio.open_nursery() as nursery:
                     for user in users[2 * args.pairs :]:
                         nursery.start_soon(login, user)
-            await trio.sleep(1)
+            # Idle means quiet: past the point where a quiet stream releases its parser.
+            await trio.sleep(COMPACT_AFTER_S + 2)
             figures["rss_per_idle_connection_kib"] = round(
                 (rss_kib(proc.pid) - before) / args.idle, 1
             )

@@ -4,6 +4,7 @@ app.run_node exactly as `villaged run` does."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ssl
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
@@ -17,10 +18,12 @@ from tests.net.rawclient import RawClient, header
 from tests.ports import free_port_base
 from villaged.app import Node, _shut_down, run_node
 from villaged.config import load_config
+from villaged.net import c2s as c2s_driver
 from villaged.net.c2s import HANDSHAKES_PER_IP
 from villaged.ops.provision import init_dev
 from villaged.storage.errors import LogWriteError
 from villaged.storage.store import StoreOptions, open_store
+from villaged.xmpp import c2s as core
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -366,3 +369,38 @@ async def test_a_storage_failure_ends_one_stream_not_the_node(
     carol = await harness.logged_in("carol")  # the listener still accepts logins
     await carol.send(b"<message to='bob@localhost' type='chat'><body>after</body></message>")
     assert (await bob.element()).findtext("{jabber:client}body") == "after"
+
+
+async def test_quiet_clients_release_their_parser_get_pinged_and_time_out(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(c2s_driver, "COMPACT_AFTER_S", 0.3)
+    compacted: list[bool] = []
+    compact = core.C2SStream.compact
+
+    def watched(stream: core.C2SStream) -> bool:
+        compacted.append(compact(stream))
+        return compacted[-1]
+
+    monkeypatch.setattr(core.C2SStream, "compact", watched)
+    harness.node.c2s.limits = dataclasses.replace(harness.node.c2s.limits, idle_timeout=2)
+    alice = await harness.logged_in("alice")
+    bob = await harness.logged_in("bob")
+    await trio.sleep(1)
+    assert compacted.count(True) >= 2  # both quiet streams released their parser
+    await chat_works(harness, alice, bob, "after a quiet spell <&>")  # and reads on as before
+    # Past the idle timeout each gets a ping; bob answers his, alice ignores hers.
+    began = trio.current_time()
+    ping = await bob.element(within_s=5)
+    assert ping.find("{urn:xmpp:ping}ping") is not None
+    await bob.send(f"<iq type='result' id='{ping.get('id')}' to='localhost'/>".encode())
+    assert await alice.stream_error(within_s=8) == "connection-timeout"
+    assert 2 < trio.current_time() - began < 7
+    carol = await harness.logged_in("carol")
+    await carol.send(b"<message to='bob@localhost' type='chat'><body>still here</body></message>")
+    for _ in range(3):  # bob may see another ping first: he keeps answering
+        got = await bob.element(within_s=5)
+        if got.tag == "{jabber:client}message":
+            break
+        await bob.send(f"<iq type='result' id='{got.get('id')}' to='localhost'/>".encode())
+    assert got.findtext("{jabber:client}body") == "still here"

@@ -53,6 +53,21 @@ STANZAS = (
 FULL_STREAM = HEADER + STANZAS + b"</stream:stream>"
 
 
+@pytest.fixture(autouse=True, params=["as is", "compacted"])
+def compacting(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs twice: the second time the parser releases its expat parser before
+    each input whenever it may (as the c2s driver does on idle streams), which must change
+    nothing a caller can see."""
+    if request.param == "compacted":
+        receive_data = StreamParser.receive_data
+
+        def compact_first(self: StreamParser, data: bytes) -> None:
+            self.compact()
+            receive_data(self, data)
+
+        monkeypatch.setattr(StreamParser, "receive_data", compact_first)
+
+
 def tree(element: ET.Element) -> Tree:
     return (
         element.tag,
@@ -1154,3 +1169,26 @@ def test_framed_open_and_close_bytes() -> None:
     assert isinstance(events[0], StreamOpened)
     assert (events[0].from_, events[0].id, events[0].lang) == ("example.org", "abc", "fr")
     assert events[1] == StreamClosed()
+
+
+def test_compact_only_between_stanzas_with_nothing_held() -> None:
+    parser = StreamParser()
+    assert not parser.compact()  # no stream yet
+    opened(parser)
+    parser.receive_data(b"<message><body>half")
+    assert not parser.compact()  # inside a stanza
+    parser.receive_data(b"</body></message><pre")
+    assert not parser.compact()  # a partial start tag is held
+    parser.receive_data(b"sence/>")
+    assert [kinds(drain(parser))] == [["stanza", "stanza"]]
+    assert parser.compact()
+    assert not parser.compact()  # already released
+    # Positions continue: the next stanza still has exactly its own budget.
+    limits = XmlLimits(max_stanza_bytes=40)
+    parser = opened(StreamParser(limits))
+    parser.receive_data(b"<presence/>")
+    assert parser.compact()
+    parser.receive_data(b"<message><body>" + b"x" * 8 + b"</body></message>")  # 40 bytes
+    parser.receive_data(b"<message><body>" + b"x" * 9 + b"</body></message>")  # 41 bytes
+    with pytest.raises(XmlStreamError, match="max_stanza_bytes"):
+        drain(parser)

@@ -27,7 +27,6 @@ import itertools
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -64,6 +63,9 @@ PIPELINE_DEPTH: Final = 32
 #: handshakes from one address cannot hold back everyone else's.
 HANDSHAKES_PER_IP: Final = 16
 WRITE_TIMEOUT_S: Final = 30.0
+#: A client that has sent nothing for this long releases its XML parser until it speaks again
+#: (~12 KiB each: most of what an idle connection costs beyond its TLS state).
+COMPACT_AFTER_S: Final = 5.0
 CLOSE_TIMEOUT_S: Final = 2.0
 _ping_ids = itertools.count(1)
 
@@ -152,18 +154,19 @@ class C2SConnection:
         )
         self.session: Session | None = None
         self._send_lock = trio.StrictFIFOLock()
-        self._outbox_send, self._outbox_receive = trio.open_memory_channel[ET.Element](
-            ctx.limits.send_queue
-        )
+        self._outbox = _Outbox(ctx.limits.send_queue)
         self._scope = trio.CancelScope()
         self._terminate: tuple[str, str] | None = None
         self._bucket = TokenBucket(
             ctx.limits.bytes_per_second, ctx.limits.burst_bytes, trio.current_time()
         )
         # Accepted messages in the order the client sent them; `_complete_in_order` delivers
-        # them oldest first (see "Pipelining" in the module docstring).
-        self._pipeline: deque[PendingDelivery] = deque()
-        self._pipeline_changed = trio.Event()
+        # them oldest first (see "Pipelining" in the module docstring). That task runs only
+        # while there is something to complete, so an idle connection has two tasks, not three.
+        self._pipeline: list[PendingDelivery] = []
+        self._pipeline_shrank = _Wakeup()
+        self._completing = False
+        self._nursery: trio.Nursery | None = None
 
     def _credentials(self, username: str) -> Mapping[str, ScramCredential] | None:
         return self.ctx.store.credentials(f"{username}@{self.ctx.domain}")
@@ -185,11 +188,13 @@ class C2SConnection:
                     return
                 try:
                     async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
                         nursery.start_soon(self._write_outbox)
-                        nursery.start_soon(self._complete_in_order)
                         await self._read_until_closed()
                         await self._drain_pipeline()  # what the client sent before it left
                         nursery.cancel_scope.cancel()
+                except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the client went away (or stopped reading) while we wrote to it
                 except* StorageError as group:
                     # A write failed (disk full, I/O error) or the store stopped: this stream
                     # ends with an error the client can see, and the node keeps serving.
@@ -228,11 +233,9 @@ class C2SConnection:
     async def _finish(self) -> None:
         # Replies already queued for this client (e.g. errors for its last messages) go out
         # before the stream ends.
-        while True:
-            try:
-                self.stream.send_stanza(self._outbox_receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
+        self._outbox.closed = True
+        for stanza in self._outbox.take():
+            self.stream.send_stanza(stanza)
         if self.session is not None:
             self.ctx.sessions.remove(self.session)
             await self.ctx.router.session_ended(self.session)
@@ -256,29 +259,35 @@ class C2SConnection:
     async def _read_until_closed(self) -> None:
         negotiation_deadline = trio.current_time() + self.ctx.limits.negotiation_timeout
         pinged = False
+        compacted = False
+        heard_at = trio.current_time()  # when we last handled the client's bytes (or pinged)
         while True:
             bound = self.session is not None
-            deadline = (
-                trio.current_time() + self.ctx.limits.idle_timeout
-                if bound
-                else negotiation_deadline
-            )
+            deadline = heard_at + self.ctx.limits.idle_timeout if bound else negotiation_deadline
+            # A client quiet for COMPACT_AFTER_S gives its parser memory back (see compact);
+            # that wake-up is the same timer, moved earlier, not a second one.
+            wake = deadline if compacted else min(deadline, heard_at + COMPACT_AFTER_S)
             data: bytes | None = None
             # Only the wait for bytes is under the deadline: once a stanza has been read,
             # handling it (which may wait for a commit) must never be cut short.
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(wake):
                 try:
                     data = bytes(await self.transport.receive_some(READ_CHUNK))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
+            if data is None and trio.current_time() < deadline:
+                self.stream.compact()
+                compacted = True
+                continue
             if data is not None:
-                pinged = False
+                pinged = compacted = False
                 if not self._bucket.take(len(data), trio.current_time()):
                     _security("client sends faster than allowed", "c2s.rate_limited", self)
                     self.terminate("policy-violation", "sending faster than allowed")
                     return
                 if not await self._process(data):
                     return
+                heard_at = trio.current_time()  # idle time counts from when we are done
                 continue
             if not bound:
                 self.terminate("connection-timeout", "negotiation took too long")
@@ -287,6 +296,7 @@ class C2SConnection:
                 self.terminate("connection-timeout", "no answer to ping")
                 return
             pinged = True
+            heard_at = trio.current_time()  # the answer to the ping gets a full idle period
             await self._ping()
 
     async def _process(self, data: bytes) -> bool:
@@ -363,28 +373,26 @@ class C2SConnection:
             await pending.complete()  # nothing to wait for, nothing to overtake
             return
         self._pipeline.append(pending)
-        self._pipeline_changed.set()
+        if not self._completing:
+            assert self._nursery is not None
+            self._completing = True
+            self._nursery.start_soon(self._complete_in_order)
         while len(self._pipeline) >= PIPELINE_DEPTH:
-            await self._pipeline_moved()
+            await self._pipeline_shrank.wait()
 
     async def _complete_in_order(self) -> None:
-        while True:
-            while not self._pipeline:
-                await self._pipeline_moved()
-            # Left in the deque until complete: if this is cancelled, teardown abandons it.
-            await self._pipeline[0].complete()
-            self._pipeline.popleft()
-            self._pipeline_changed.set()
+        try:
+            while self._pipeline:
+                # Left in the list until complete: if this is cancelled, teardown abandons it.
+                await self._pipeline[0].complete()
+                self._pipeline.pop(0)
+                self._pipeline_shrank.set()
+        finally:
+            self._completing = False
 
     async def _drain_pipeline(self) -> None:
         while self._pipeline:
-            await self._pipeline_moved()
-
-    async def _pipeline_moved(self) -> None:
-        changed = self._pipeline_changed
-        if changed.is_set():
-            self._pipeline_changed = changed = trio.Event()
-        await changed.wait()
+            await self._pipeline_shrank.wait()
 
     def _bind(self, resource: str | None) -> None:
         username = self.stream.username
@@ -443,35 +451,93 @@ class C2SConnection:
     # ----- writing -----------------------------------------------------------------------
 
     def _enqueue(self, stanza: ET.Element) -> bool:
-        try:
-            self._outbox_send.send_nowait(stanza)
-        except trio.WouldBlock:
-            return False
-        except trio.ClosedResourceError:
-            return True  # the connection is closing; the stanza is as good as dropped
-        return True
+        return self._outbox.put(stanza)
 
     async def _write_outbox(self) -> None:
-        async for stanza in self._outbox_receive:
-            self.stream.send_stanza(stanza)
-            # Everything else already queued goes out in the same TLS write: one record and
-            # one send() per wakeup instead of per stanza (the queue is bounded, so is this).
-            while True:
-                try:
-                    self.stream.send_stanza(self._outbox_receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+        outbox = self._outbox
+        while True:
+            while not outbox.items:
+                await outbox.filled.wait()
+            # Everything queued goes out in the same TLS write: one record and one send() per
+            # wakeup instead of per stanza (the queue is bounded, so is this).
+            for stanza in outbox.take():
+                self.stream.send_stanza(stanza)
             try:
                 await self._flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
 
     async def _flush(self) -> None:
+        if not self.stream.has_data_to_send:
+            return  # the common case after reading a message: no lock, no timer
         async with self._send_lock:
             data = self.stream.data_to_send()
-            if data:
-                with trio.fail_after(WRITE_TIMEOUT_S):
-                    await self.transport.send_all(data)
+            if not data:
+                return
+            with trio.CancelScope(deadline=trio.current_time() + WRITE_TIMEOUT_S) as scope:
+                await self.transport.send_all(data)
+            if scope.cancelled_caught:
+                log.info(
+                    "client does not read",
+                    extra={"event": "c2s.write_timeout", "peer": self.peer},
+                )
+                self.terminate("connection-timeout", "not reading what the server sends")
+                raise trio.BrokenResourceError("write timed out")
+
+
+class _Wakeup:
+    """One task sleeps in `wait` until another calls `set`: a one-waiter ``trio.Event`` that
+    costs nothing while nobody waits and need not be replaced after use. It remembers
+    nothing, so a waiter checks its condition first and waits in a loop; with no checkpoint
+    between the check and the wait, no `set` can fall in between."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+
+    def set(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("another task is already waiting")
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class _Outbox:
+    """Stanzas other sessions handed to this client, waiting for the writer task; bounded."""
+
+    __slots__ = ("closed", "filled", "items", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.items: list[ET.Element] = []
+        self.limit = limit
+        self.filled = _Wakeup()
+        self.closed = False
+
+    def put(self, stanza: ET.Element) -> bool:
+        """Queue ``stanza``; False if the queue is full (the client is not reading)."""
+        if self.closed:
+            return True  # the connection is closing; the stanza is as good as dropped
+        if len(self.items) >= self.limit:
+            return False
+        self.items.append(stanza)
+        self.filled.set()
+        return True
+
+    def take(self) -> list[ET.Element]:
+        items, self.items = self.items, []
+        return items
 
 
 _SECURITY_CONDITIONS: Final = frozenset(

@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import enum
 import re
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, get_args
 from xml.etree.ElementTree import TreeBuilder
@@ -319,7 +318,9 @@ class _ExpatDocument:
         self._max_stanza = limits.max_stanza_bytes
         self._max_depth = limits.max_depth
         self._max_attributes = limits.max_attributes
-        self._events: deque[Event] = deque()
+        # A list, not a deque: it rarely holds more than a few events, and an empty deque
+        # costs ~600 bytes on every idle connection.
+        self._events: list[Event] = []
         self._error: XmlStreamError | None = None
         self._eof = False
         # Expat's character handler outside first-level elements (where a TCP stream allows
@@ -330,6 +331,20 @@ class _ExpatDocument:
     # -- per document ------------------------------------------------------------------------
 
     def _start_document(self) -> None:
+        self._parser = self._new_parser()
+        self._index_base = 0  # stream byte index of the parser's byte 0 (see compact())
+        self._level = 0  # expat's element nesting: 1 inside the document's root element
+        self._builder = TreeBuilder()
+        self._received = 0  # bytes of this document accepted (fed to expat or gathered)
+        self._consumed = 0  # stream byte index after the last Parse: start of held input
+        self._stanza_start = 0  # byte index of the open first-level element's start tag
+        self._gathered = bytearray()  # input held back from expat while gated
+        self._gate = 0  # >0: expat holds a partial token of this many bytes
+        self._gate_token = -1
+        self._gate_peeks = 0
+        self._head = b""  # the document's first bytes, until two are known
+
+    def _new_parser(self) -> expat.XMLParserType:
         parser = expat.ParserCreate("UTF-8", "}", _INTERNED)
         parser.buffer_size = _TEXT_BUFFER_BYTES
         parser.buffer_text = True
@@ -346,17 +361,7 @@ class _ExpatDocument:
         parser.ExternalEntityRefHandler = self._on_dtd
         parser.SkippedEntityHandler = self._on_dtd
         getattr(parser, "SetReparseDeferralEnabled", _no_reparse_deferral)(False)
-        self._parser = parser
-        self._level = 0  # expat's element nesting: 1 inside the document's root element
-        self._builder = TreeBuilder()
-        self._received = 0  # bytes of this document accepted (fed to expat or gathered)
-        self._consumed = 0  # expat's byte index after the last Parse: start of held input
-        self._stanza_start = 0  # byte index of the open first-level element's start tag
-        self._gathered = bytearray()  # input held back from expat while gated
-        self._gate = 0  # >0: expat holds a partial token of this many bytes
-        self._gate_token = -1
-        self._gate_peeks = 0
-        self._head = b""  # the document's first bytes, until two are known
+        return parser
 
     # -- expat handlers (hot path) -------------------------------------------------------------
 
@@ -385,7 +390,7 @@ class _ExpatDocument:
             self._builder.start(tag, attrs)
         else:
             parser = self._parser
-            self._stanza_start = parser.CurrentByteIndex
+            self._stanza_start = parser.CurrentByteIndex + self._index_base
             builder = self._builder = TreeBuilder()
             builder.start(tag, attrs)
             parser.CharacterDataHandler = builder.data
@@ -470,7 +475,7 @@ class _ExpatDocument:
     def _parse(self, piece: bytes) -> None:
         parser = self._parser
         parser.Parse(piece, False)
-        consumed = self._consumed = max(parser.CurrentByteIndex, 0)
+        consumed = self._consumed = max(parser.CurrentByteIndex + self._index_base, 0)
         held = self._received - consumed
         if held > _GATE_BYTES:
             if consumed != self._gate_token:
@@ -497,7 +502,7 @@ class _ExpatDocument:
     def next_event(self) -> Event | NeedData:
         """The next event, or `NEED_DATA`; raises `XmlStreamError` once the input broke a rule."""
         if self._events:
-            return self._events.popleft()
+            return self._events.pop(0)
         if self._error is not None:
             self._raise_error(self._error)
         if self._eof:
@@ -520,6 +525,7 @@ class StreamParser(_ExpatDocument):
 
     def _start_document(self) -> None:
         super()._start_document()
+        self._suspended = False
         self._opened = False
         # The bytes before and of the header (bounded by max_header_bytes): expat reports no
         # prefixes unless asked for them on every element, so the header's is read from here.
@@ -528,9 +534,54 @@ class StreamParser(_ExpatDocument):
         self._parser.StartNamespaceDeclHandler = self._on_namespace_declaration
 
     def _parse(self, piece: bytes) -> None:
-        if not self._opened:
+        if self._suspended:
+            self._resume()
+        elif not self._opened:
             self._header_bytes += piece
         super()._parse(piece)
+
+    def compact(self) -> bool:
+        """Release the expat parser (~12 KiB) while the stream is idle; True if it was.
+
+        Only between stanzas with no input held: the next input then goes to a fresh parser
+        that has been fed a stand-in stream header (the same element name and namespace
+        declarations as the peer's), so it reads
+        the following stanzas exactly as the released one would have (byte positions, and so
+        the limits, continue where they were; only line numbers in expat's error texts restart).
+        """
+        if (
+            self._suspended
+            or not self._opened
+            or self._level != 1
+            or self._error is not None
+            or self._eof
+            or self._gate
+            or self._received != self._consumed
+        ):
+            return False
+        del self._parser
+        self._builder = TreeBuilder()
+        self._suspended = True
+        return True
+
+    def _resume(self) -> None:
+        declarations = "".join(
+            f" xmlns{':' + prefix if prefix else ''}='{_escape_attribute(uri)}'"
+            for prefix, uri in self._header_namespaces.items()
+        )
+        header = f"<{self._root_qname}{declarations}>".encode()
+        parser = self._new_parser()
+        parser.StartElementHandler = self._on_resumed_root
+        parser.Parse(header, False)
+        if self._level != 1 or parser.CurrentByteIndex != len(header):
+            raise RuntimeError("the stand-in stream header did not parse")  # a bug here
+        parser.StartElementHandler = self._on_start
+        self._parser = parser
+        self._index_base = self._consumed - len(header)
+        self._suspended = False
+
+    def _on_resumed_root(self, name: str, attrs: dict[str, str]) -> None:
+        self._level = 1
 
     def receive_data(self, data: bytes) -> None:
         """Accept bytes from the peer; ``b""`` means its input ended.
@@ -609,6 +660,7 @@ class StreamParser(_ExpatDocument):
             )
         attributes = {_expanded(key): value for key, value in attrs.items()}
         namespaces = self._header_namespaces
+        self._root_qname = f"{prefix[1].decode()}:{local}" if prefix else local
         self._opened = True
         self._events.append(
             StreamOpened(
@@ -653,6 +705,7 @@ class FramedStreamParser(_ExpatDocument):
 
     def __init__(self, limits: XmlLimits | None = None) -> None:
         super().__init__(limits or XmlLimits(), None)
+        del self._parser  # each message gets its own; none is held between messages
         self._in_message = False
         self._frames: list[Element] = []
 
@@ -674,6 +727,7 @@ class FramedStreamParser(_ExpatDocument):
                 self._in_message = False
                 self._flush_gathered()
                 self._parser.Parse(b"", True)
+                del self._parser
                 self._events.extend(map(self._frame_event, self._frames))
         except (XmlStreamError, expat.ExpatError) as exc:
             self._fail(exc)
