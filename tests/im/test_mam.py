@@ -610,3 +610,29 @@ def test_archive_index_bookkeeping() -> None:
     assert [e.id for e in archive.entries] == ["b"]
     view.archives.forget(ALICE)
     assert view.to_snapshot()["archive"] == {}
+
+
+def test_snapshot_rows_are_bytes_and_older_unpacked_rows_still_restore() -> None:
+    view = MessageStoreView()
+    sealed = {"k": 7, "n": b"\0" * 12, "c": b"ciphertext"}
+    view.archives.append(ALICE, "a", 1, BOB, "r1", sealed, None)
+    view.archives.append(ALICE, "b", 0, BOB, "r2", sealed, None)  # stamp made non-decreasing
+    rows = view.to_snapshot()["archive"][ALICE]
+    assert [msgpack.unpackb(row) for row in rows] == [
+        ["a", 1, "r1", sealed],
+        ["b", 1, "r2", sealed],
+    ]
+
+    def unseal(rtype: str, user: str, record_id: str, envelope: object) -> bytes:
+        assert envelope == sealed
+        return pack_payload(f"{record_id}@example.org", ET.Element("message"))
+
+    for stored in (rows, [msgpack.unpackb(row) for row in rows]):
+        restored = MessageStoreView()
+        restored.restore({"archive": {ALICE: stored}}, unseal)
+        archive = restored.archives.of(ALICE)
+        assert archive is not None
+        assert [(e.id, e.stamp, e.with_full, e.sealed) for e in archive.entries] == [
+            ("a", 1, "r1@example.org", sealed),
+            ("b", 1, "r2@example.org", sealed),
+        ]

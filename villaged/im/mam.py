@@ -245,7 +245,15 @@ class ArchivedMessage:
     stamp: int  # microseconds since the epoch, when the owner sent or received it
     with_full: str  # the correspondent's JID as seen in the stanza
     record_id: str  # the id the payload is sealed under
-    sealed: Mapping[str, Any]
+    # The entry as its snapshot row, msgpack [id, stamp, record id, sealed payload], made
+    # once when it is applied: a snapshot then copies bytes instead of re-encoding every
+    # entry of every archive on the event loop, and bytes are smaller than the envelope map.
+    row: bytes
+
+    @property
+    def sealed(self) -> Mapping[str, Any]:
+        sealed: Mapping[str, Any] = msgpack.unpackb(self.row, raw=False)[3]
+        return sealed
 
     @property
     def with_bare(self) -> str:
@@ -277,7 +285,8 @@ class UserArchive:
             return  # ids are random: a repeat is the same entry applied twice
         if self.entries:
             stamp = max(stamp, self.entries[-1].stamp)
-        entry = ArchivedMessage(self._next_seq, archive_id, stamp, with_full, record_id, sealed)
+        row = msgpack.packb([archive_id, stamp, record_id, sealed], use_bin_type=True)
+        entry = ArchivedMessage(self._next_seq, archive_id, stamp, with_full, record_id, row)
         self._next_seq += 1
         self.entries.append(entry)
         self._by_id[archive_id] = entry
@@ -315,16 +324,18 @@ class Archives:
     def forget(self, user: str) -> None:
         self._users.pop(user, None)
 
-    def to_snapshot(self) -> dict[str, list[list[Any]]]:
-        return {
-            user: [[e.id, e.stamp, e.record_id, dict(e.sealed)] for e in archive.entries]
-            for user, archive in self._users.items()
-        }
+    def to_snapshot(self) -> dict[str, list[bytes]]:
+        return {user: [e.row for e in archive.entries] for user, archive in self._users.items()}
 
-    def restore(self, data: Mapping[str, Sequence[Sequence[Any]]], unseal: Unseal) -> None:
+    def restore(self, data: Mapping[str, Sequence[Any]], unseal: Unseal) -> None:
         self._users.clear()
         for user, rows in data.items():
-            for archive_id, stamp, record_id, sealed in rows:
+            for row in rows:
+                # A row is its msgpack bytes; older snapshots hold it unpacked (a list).
+                fields: Sequence[Any] = (
+                    msgpack.unpackb(row, raw=False) if isinstance(row, bytes) else row
+                )
+                archive_id, stamp, record_id, sealed = fields
                 try:
                     with_full = unpack_with(unseal(PAYLOAD_RECORD, user, record_id, sealed))
                 except ShreddedError:
