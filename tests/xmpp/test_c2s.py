@@ -409,3 +409,127 @@ def test_clean_close_from_our_side() -> None:
     client._read()
     assert client.closed
     assert client.send(b"<message/>") == []
+
+
+# ----- framed mode (XMPP over WebSocket, RFC 7395) ------------------------------------------
+
+FRAMED_OPEN = b"<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='example.org' version='1.0'/>"
+
+
+class FramedClient:
+    """Like Client, but every message in either direction is one standalone document."""
+
+    def __init__(self) -> None:
+        counter = itertools.count()
+        self.server = C2SStream(
+            StreamSettings(domain=DOMAIN),
+            lookup=lookup,
+            entropy=lambda n: bytes([next(counter) % 256]) * n,
+            unknown_user_secret=b"s" * 32,
+            direct_tls=True,
+            framed=True,
+        )
+        self.messages: list[bytes] = []
+
+    def send(self, message: bytes) -> list[Event]:
+        self.server.receive_data(message)
+        events: list[Event] = []
+        while (event := self.server.next_event()) is not NEED_DATA:
+            assert isinstance(event, Event)
+            events.append(event)
+        return events
+
+    def take(self) -> list[ET.Element]:
+        """What the server sent since last time, each message parsed on its own."""
+        out = self.server.messages_to_send()
+        self.messages += out
+        return [ET.fromstring(message) for message in out]
+
+    def login(self) -> JID:
+        self.send(FRAMED_OPEN)
+        opened, features = self.take()
+        assert opened.tag == f"{{{xml.FRAMING_NS}}}open"
+        assert opened.get("from") == DOMAIN
+        assert features.find(f"{{{SASL}}}mechanisms") is not None
+        assert features.find("{urn:ietf:params:xml:ns:xmpp-tls}starttls") is None
+        scram = ScramClient("SCRAM-SHA-256", "alice", PASSWORD)
+        first = base64.b64encode(scram.client_first()).decode()
+        self.send(f"<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256'>{first}</auth>".encode())
+        (challenge,) = self.take()
+        final = base64.b64encode(scram.client_final(base64.b64decode(challenge.text or "")))
+        events = self.send(f"<response xmlns='{SASL}'>{final.decode()}</response>".encode())
+        assert isinstance(events[0], AuthSucceeded)
+        (success,) = self.take()
+        assert success.tag == f"{{{SASL}}}success"
+        self.send(FRAMED_OPEN)  # the restart is simply a new <open/>
+        opened, features = self.take()
+        assert features.find("{urn:ietf:params:xml:ns:xmpp-bind}bind") is not None
+        events = self.send(
+            b"<iq xmlns='jabber:client' type='set' id='b1'>"
+            b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>web</resource></bind></iq>"
+        )
+        assert events == [BindRequested("web")]
+        jid = JID.parse(f"alice@{DOMAIN}/web")
+        self.server.complete_bind(jid)
+        (bound,) = self.take()
+        assert bound.tag == "{jabber:client}iq"
+        assert bound.get("type") == "result"
+        return jid
+
+
+def test_framed_login_chat_and_close() -> None:
+    client = FramedClient()
+    jid = client.login()
+    events = client.send(
+        b"<message xmlns='jabber:client' to='bob@example.org' type='chat'><body>h\xc3\xa9</body>"
+        b"</message>"
+    )
+    assert len(events) == 1
+    assert isinstance(events[0], StanzaReceived)
+    assert events[0].stanza.get("from") == str(jid)
+    incoming = ET.Element("{jabber:client}message", {"from": "bob@example.org/pc"})
+    ET.SubElement(incoming, "{jabber:client}body").text = "<&>"
+    client.server.send_stanza(incoming)
+    client.server.send_stanza(incoming)
+    first, second = client.take()  # two messages, each a document declaring its namespace
+    assert first.findtext("{jabber:client}body") == second.findtext("{jabber:client}body") == "<&>"
+    assert client.send(b"<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>") == [
+        StreamEnded(by_peer=True)
+    ]
+    client.server.close()
+    (closing,) = client.take()
+    assert closing.tag == f"{{{xml.FRAMING_NS}}}close"
+
+
+@pytest.mark.parametrize(
+    ("message", "condition"),
+    [
+        (b"<message/><message/>", "not-well-formed"),
+        (b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams'/>", "invalid-namespace"),
+        (b"<message xmlns='jabber:client'><!-- hi --></message>", "restricted-xml"),
+    ],
+)
+def test_framed_stream_errors_are_framed(message: bytes, condition: str) -> None:
+    client = FramedClient()
+    client.login()
+    (event,) = client.send(message)
+    assert isinstance(event, StreamEnded)
+    assert event.condition == condition
+    error, closing = client.take()
+    assert error.tag == f"{{{STREAMS}}}error"  # declares the stream prefix itself
+    assert error[0].tag == f"{{urn:ietf:params:xml:ns:xmpp-streams}}{condition}"
+    assert closing.tag == f"{{{xml.FRAMING_NS}}}close"
+
+
+def test_framed_mode_needs_tls_and_never_compacts() -> None:
+    with pytest.raises(ValueError, match="direct_tls"):
+        C2SStream(
+            StreamSettings(domain=DOMAIN),
+            lookup=lookup,
+            entropy=bytes,
+            unknown_user_secret=b"s" * 32,
+            framed=True,
+        )
+    client = FramedClient()
+    client.login()
+    assert not client.server.compact()

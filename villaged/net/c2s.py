@@ -28,7 +28,7 @@ import logging
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -135,22 +135,48 @@ async def serve_c2s(
     await trio.serve_listeners(handler, listeners, task_status=task_status)
 
 
+class MessageTransport(Protocol):
+    """A transport that carries whole elements as messages: XMPP over WebSocket (RFC 7395),
+    already inside TLS. Failures raise ``trio.BrokenResourceError`` like a trio stream."""
+
+    async def receive_message(self) -> bytes:
+        """The next complete message (UTF-8); ``b""`` once the peer has closed."""
+        ...
+
+    async def send_messages(self, messages: list[bytes]) -> None:
+        """Send each item as one message, in order."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
 class C2SConnection:
+    """One client connection: over TCP (``framed=None``; STARTTLS or direct TLS), or over a
+    `MessageTransport` (WebSocket) whose listener did the TLS and HTTP work already."""
+
     def __init__(
-        self, ctx: C2SContext, tcp: trio.SocketStream, tls: TlsContextSource, *, direct_tls: bool
+        self,
+        ctx: C2SContext,
+        tcp: trio.SocketStream,
+        tls: TlsContextSource,
+        *,
+        direct_tls: bool,
+        framed: MessageTransport | None = None,
     ) -> None:
         self.ctx = ctx
         self.tcp = tcp
         self.transport: trio.abc.Stream = tcp
+        self.framed = framed
         self.tls = tls
-        self.direct_tls = direct_tls
+        self.direct_tls = direct_tls or framed is not None
         self.peer = _peer_ip(tcp)
         self.stream = core.C2SStream(
             ctx.stream_settings(),
             lookup=self._credentials,
             entropy=os.urandom,
             unknown_user_secret=ctx.unknown_user_secret,
-            direct_tls=direct_tls,
+            direct_tls=self.direct_tls,
+            framed=framed is not None,
         )
         self.session: Session | None = None
         self._send_lock = trio.StrictFIFOLock()
@@ -184,7 +210,7 @@ class C2SConnection:
         self.ctx.connections_per_ip[self.peer] = count + 1
         try:
             with self._scope:
-                if self.direct_tls and not await self._start_tls():
+                if self.direct_tls and self.framed is None and not await self._start_tls():
                     return
                 try:
                     async with trio.open_nursery() as nursery:
@@ -251,7 +277,7 @@ class C2SConnection:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._flush()
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.transport.aclose()
+            await (self.framed or self.transport).aclose()
         log.debug("closed", extra={"event": "c2s.closed", "peer": self.peer})
 
     # ----- reading -----------------------------------------------------------------------
@@ -272,7 +298,7 @@ class C2SConnection:
             # handling it (which may wait for a commit) must never be cut short.
             with trio.move_on_at(wake):
                 try:
-                    data = bytes(await self.transport.receive_some(READ_CHUNK))
+                    data = await self._receive()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
             if data is None and trio.current_time() < deadline:
@@ -298,6 +324,11 @@ class C2SConnection:
             pinged = True
             heard_at = trio.current_time()  # the answer to the ping gets a full idle period
             await self._ping()
+
+    async def _receive(self) -> bytes:
+        if self.framed is not None:
+            return await self.framed.receive_message()
+        return bytes(await self.transport.receive_some(READ_CHUNK))
 
     async def _process(self, data: bytes) -> bool:
         """Feed bytes to the stream and act on its events; False once the stream is over."""
@@ -471,11 +502,15 @@ class C2SConnection:
         if not self.stream.has_data_to_send:
             return  # the common case after reading a message: no lock, no timer
         async with self._send_lock:
-            data = self.stream.data_to_send()
-            if not data:
-                return
             with trio.CancelScope(deadline=trio.current_time() + WRITE_TIMEOUT_S) as scope:
-                await self.transport.send_all(data)
+                if self.framed is not None:
+                    messages = self.stream.messages_to_send()
+                    if messages:
+                        await self.framed.send_messages(messages)
+                else:
+                    data = self.stream.data_to_send()
+                    if data:
+                        await self.transport.send_all(data)
             if scope.cancelled_caught:
                 log.info(
                     "client does not read",

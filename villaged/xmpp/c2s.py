@@ -160,8 +160,12 @@ class C2SStream:
         entropy: Callable[[int], bytes],
         unknown_user_secret: bytes,
         direct_tls: bool = False,
+        framed: bool = False,
     ) -> None:
+        if framed and not direct_tls:
+            raise ValueError("XMPP over WebSocket runs inside TLS: pass direct_tls=True")
         self.settings = settings
+        self.framed = framed
         self._lookup = lookup
         self._entropy = entropy
         self._unknown_user_secret = unknown_user_secret
@@ -171,7 +175,9 @@ class C2SStream:
         self.jid: JID | None = None
         self.stream_id = ""
         self.peer_closed = False  # the client sent </stream:stream>; we have not closed yet
-        self._parser = xml.StreamParser(settings.limits)
+        self._parser: xml.StreamParser | xml.FramedStreamParser = (
+            xml.FramedStreamParser(settings.limits) if framed else xml.StreamParser(settings.limits)
+        )
         self._header_seen = False
         self._out: list[bytes] = []
         self._events: list[Event] = []  # short; a deque would cost ~600 bytes when idle
@@ -182,10 +188,17 @@ class C2SStream:
     # ----- driver API --------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
+        """Bytes from the client (``b""``: its input ended). Framed (WebSocket): one whole
+        message per call."""
         if self.phase is Phase.CLOSED or self.peer_closed:
             return
         try:
-            self._parser.receive_data(data)
+            if isinstance(self._parser, xml.StreamParser):
+                self._parser.receive_data(data)
+            elif data:
+                self._parser.receive_message(data)
+            else:
+                self._parser.receive_closed()
         except xml.XmlStreamError as exc:
             self._stream_error(exc.condition, exc.text)
 
@@ -210,7 +223,8 @@ class C2SStream:
     def compact(self) -> bool:
         """Release what an idle stream does not need (the XML parser); True if anything was.
         For the driver to call when the client has been quiet a while; no effect otherwise."""
-        return not self._events and self._parser.compact()
+        parser = self._parser
+        return not self._events and isinstance(parser, xml.StreamParser) and parser.compact()
 
     @property
     def has_data_to_send(self) -> bool:
@@ -220,6 +234,12 @@ class C2SStream:
         data = b"".join(self._out)
         self._out.clear()
         return data
+
+    def messages_to_send(self) -> list[bytes]:
+        """What ``data_to_send`` would give, one complete element per item: framed (WebSocket)
+        mode sends each as a message of its own."""
+        out, self._out = self._out, []
+        return out
 
     def tls_established(self) -> None:
         if self.phase is not Phase.AWAIT_TLS:
@@ -247,7 +267,7 @@ class C2SStream:
     def close(self) -> None:
         """End the stream cleanly from our side."""
         if self.phase is not Phase.CLOSED:
-            self._out.append(xml.STREAM_CLOSE)
+            self._out.append(self._closing())
             self.phase = Phase.CLOSED
 
     def fail(self, condition: str, text: str | None = None) -> None:
@@ -257,10 +277,17 @@ class C2SStream:
     # ----- internals ---------------------------------------------------------------------
 
     def _send(self, element: ET.Element) -> None:
-        self._out.append(xml.serialize(element, default_ns=NS_CLIENT))
+        # Framed, every message is a document of its own and declares its namespace.
+        self._out.append(xml.serialize(element, default_ns=None if self.framed else NS_CLIENT))
+
+    def _closing(self) -> bytes:
+        return xml.framed_close() if self.framed else xml.STREAM_CLOSE
 
     def _restart(self, phase: Phase) -> None:
         self.phase = phase
+        self._header_seen = False
+        if isinstance(self._parser, xml.FramedStreamParser):
+            return  # the client simply sends a new <open/>
         # Reused rather than replaced: a discarded parser is a reference cycle (its expat
         # handlers are its own methods), ~20 KiB per login left for the cyclic collector.
         try:
@@ -269,15 +296,14 @@ class C2SStream:
             # Input after the restart point already broke the old document (or ended);
             # RFC 6120 has it discarded, so start afresh.
             self._parser = xml.StreamParser(self.settings.limits)
-        self._header_seen = False
 
     def _stream_error(self, condition: str, text: str | None, *, report: bool = True) -> None:
         if self.phase is Phase.CLOSED:
             return
         if not self._header_seen:
             self._send_header(to=None)
-        self._out.append(xml.stream_error(condition, text))
-        self._out.append(xml.STREAM_CLOSE)
+        self._out.append(xml.stream_error(condition, text, framed=self.framed))
+        self._out.append(self._closing())
         self.phase = Phase.CLOSED
         if report:
             self._events.append(StreamEnded(condition=condition, text=text))
@@ -285,6 +311,13 @@ class C2SStream:
     def _send_header(self, to: str | None) -> None:
         self._header_seen = True
         self.stream_id = base64.urlsafe_b64encode(self._entropy(STREAM_ID_BYTES)).decode()
+        if self.framed:
+            self._out.append(
+                xml.framed_open(
+                    from_=self.settings.domain, to=to, id_=self.stream_id, lang=self.settings.lang
+                )
+            )
+            return
         self._out.append(
             xml.stream_header(
                 from_=self.settings.domain,
@@ -314,7 +347,7 @@ class C2SStream:
             self._stream_error("not-well-formed", "a second stream header")
             return
         self._send_header(to=None)
-        if opened.content_ns != NS_CLIENT:
+        if not self.framed and opened.content_ns != NS_CLIENT:
             self._stream_error("invalid-namespace", "the content namespace must be jabber:client")
             return
         if not _version_ok(opened.version):
@@ -328,7 +361,9 @@ class C2SStream:
         if to.local or to.resource or to.domain != self.settings.domain:
             self._stream_error("host-unknown", f"this server serves {self.settings.domain}")
             return
-        self._out.append(xml.serialize(self._features(), default_ns=NS_STREAMS))
+        self._out.append(
+            xml.serialize(self._features(), default_ns=None if self.framed else NS_STREAMS)
+        )
 
     def _features(self) -> ET.Element:
         features = ET.Element(f"{{{NS_STREAMS}}}features")
@@ -349,7 +384,7 @@ class C2SStream:
     def _on_element(self, element: ET.Element) -> None:
         if self.phase is Phase.PRE_TLS:
             if element.tag == f"{{{NS_TLS}}}starttls":
-                if self._parser.has_pending_input:
+                if isinstance(self._parser, xml.StreamParser) and self._parser.has_pending_input:
                     # Bytes sent after <starttls/> must not be taken as arriving under TLS
                     # (the STARTTLS command-injection attack): refuse rather than proceed.
                     self._stream_error("policy-violation", "data after <starttls/>")
