@@ -15,13 +15,18 @@ from villaged.xmpp import xml
 from villaged.xmpp.c2s import (
     MAX_AUTH_ATTEMPTS,
     NEED_DATA,
+    SM_REQUEST_EVERY,
     AuthFailed,
     AuthSucceeded,
     BindRequested,
     C2SStream,
+    ClientStateChanged,
     ConnectionLost,
     Event,
     Phase,
+    SmEnableRequested,
+    SmResumeRequested,
+    SmState,
     StanzaReceived,
     StartTls,
     StreamEnded,
@@ -533,3 +538,122 @@ def test_framed_mode_needs_tls_and_never_compacts() -> None:
     client = FramedClient()
     client.login()
     assert not client.server.compact()
+
+
+# ----- stream management (XEP-0198) and client state (XEP-0352) ----------------------------
+
+SM = "urn:xmpp:sm:3"
+
+
+def chat(body: str) -> ET.Element:
+    message = ET.Element("{jabber:client}message", {"from": "bob@example.org/pc"})
+    ET.SubElement(message, "{jabber:client}body").text = body
+    return message
+
+
+def test_sm_counts_stanzas_requests_acks_and_answers_with_what_is_handled() -> None:
+    client = Client()
+    client.ready()
+    (event,) = client.send(f"<enable xmlns='{SM}' resume='true' max='600'/>".encode())
+    assert event == SmEnableRequested(resume=True, max=600)
+    state = client.server.enable_sm("sm-1", resume=True, max_s=300)
+    client._read()
+    (enabled,) = client.take()
+    assert (enabled.tag, enabled.get("id"), enabled.get("resume"), enabled.get("max")) == (
+        f"{{{SM}}}enabled",
+        "sm-1",
+        "true",
+        "300",
+    )
+    for n in range(SM_REQUEST_EVERY):
+        client.server.send_stanza(chat(f"m{n}"))
+    client._read()
+    got = client.take()
+    assert [e.tag for e in got] == ["{jabber:client}message"] * SM_REQUEST_EVERY + [f"{{{SM}}}r"]
+    assert state.sent == SM_REQUEST_EVERY and len(state.unacked) == SM_REQUEST_EVERY
+    assert client.send(f"<a xmlns='{SM}' h='3'/>".encode()) == []
+    assert [s.findtext("{jabber:client}body") for _, s in state.unacked] == ["m3", "m4"]
+    # Inbound: <a/> reports only what the driver said is handled (durable).
+    events = client.send(b"<message to='bob@example.org'><body>x</body></message>")
+    assert isinstance(events[0], StanzaReceived)
+    client.send(f"<r xmlns='{SM}'/>".encode())
+    assert client.take()[-1].get("h") == "0"
+    client.server.stanza_handled()
+    client.send(f"<r xmlns='{SM}'/>".encode())
+    assert client.take()[-1].get("h") == "1"
+    # A second enable fails; acknowledging stanzas never sent ends the stream.
+    client.send(f"<enable xmlns='{SM}'/>".encode())
+    assert client.take()[-1].tag == f"{{{SM}}}failed"
+    assert client.send(f"<a xmlns='{SM}' h='9'/>".encode()) == [
+        StreamEnded(condition="undefined-condition", text="<a/> acknowledges stanzas never sent")
+    ]
+
+
+def test_sm_needs_a_bound_stream_and_refuses_bad_requests() -> None:
+    client = Client()
+    client.starttls()
+    client.authenticate()
+    client.send(HEADER)
+    client.take()
+    client.send(f"<enable xmlns='{SM}'/>".encode())  # before bind
+    assert client.take()[-1][0].tag.endswith("unexpected-request")
+    client.send(f"<resume xmlns='{SM}' previd='x' h='-1'/>".encode())
+    assert client.take()[-1][0].tag.endswith("bad-request")
+    assert client.send(f"<resume xmlns='{SM}' previd='x' h='7'/>".encode()) == [
+        SmResumeRequested("x", 7)
+    ]
+    client.server.refuse_sm("item-not-found", h=0)
+    client._read()
+    failed = client.take()[-1]
+    assert (failed.get("h"), failed[0].tag.split("}")[1]) == ("0", "item-not-found")
+    client.send(  # after a failed resume the client binds on the same stream
+        b"<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+    )
+    client.server.complete_bind(JID.parse("alice@example.org/x"))
+    assert client.send(f"<r xmlns='{SM}'/>".encode()) == [
+        StreamEnded(condition="unsupported-stanza-type", text="stream management is not enabled")
+    ]
+
+
+def test_resume_retransmits_the_unacked_in_order_under_their_old_counts() -> None:
+    state = SmState("sm-2", resume=True, max=300)
+    for body in ("a", "b", "c"):
+        state.hold(chat(body))
+    assert state.acknowledge(1)
+    client = Client()
+    client.starttls()
+    client.authenticate()
+    client.send(HEADER)
+    client.take()
+    client.send(f"<resume xmlns='{SM}' previd='sm-2' h='1'/>".encode())
+    jid = JID.parse("alice@example.org/phone")
+    client.server.resume_sm(state, jid)
+    client._read()
+    got = client.take()
+    assert got[0].tag == f"{{{SM}}}resumed"
+    assert (got[0].get("previd"), got[0].get("h")) == ("sm-2", "0")
+    assert [e.findtext("{jabber:client}body") for e in got[1:3]] == ["b", "c"]
+    assert got[3].tag == f"{{{SM}}}r"
+    assert client.server.phase is Phase.READY
+    assert client.send(f"<a xmlns='{SM}' h='3'/>".encode()) == []
+    assert state.unacked == []
+    assert state.sent == 3
+
+
+def test_counters_wrap_at_two_to_the_32() -> None:
+    state = SmState("w", resume=False, max=0, sent=2**32 - 2)
+    for body in ("a", "b", "c"):
+        state.hold(chat(body))
+    assert state.sent == 1
+    assert [n for n, _ in state.unacked] == [2**32 - 1, 0, 1]
+    assert not state.acknowledge(2)  # past what was sent
+    assert state.acknowledge(0)
+    assert [n for n, _ in state.unacked] == [1]
+    assert [s.findtext("{jabber:client}body") for s in state.take_unacked()] == ["c"]
+
+
+def test_client_state_indication_events() -> None:
+    client = Client()
+    client.ready()
+    assert client.send(b"<inactive xmlns='urn:xmpp:csi:0'/>") == [ClientStateChanged(False)]
+    assert client.send(b"<active xmlns='urn:xmpp:csi:0'/>") == [ClientStateChanged(True)]

@@ -64,6 +64,11 @@ from villaged.xmpp.stanza import (
 
 MAX_AUTH_ATTEMPTS: Final = 3  # failed SASL exchanges per stream before it is closed
 STREAM_ID_BYTES: Final = 12
+NS_SM: Final = "urn:xmpp:sm:3"  # XEP-0198 stream management
+NS_CSI: Final = "urn:xmpp:csi:0"  # XEP-0352 client state indication
+#: The server asks for an ack (``<r/>``) after this many stanzas sent since the last request.
+SM_REQUEST_EVERY: Final = 5
+_H_MODULUS: Final = 2**32  # XEP-0198 counters wrap at 2^32
 
 
 class Phase(enum.Enum):
@@ -117,6 +122,30 @@ class StanzaReceived(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SmEnableRequested(Event):
+    """The client asked for stream management; answer with ``enable_sm`` or ``refuse_sm``."""
+
+    resume: bool
+    max: int | None  # the resumption time the client prefers, in seconds
+
+
+@dataclass(frozen=True, slots=True)
+class SmResumeRequested(Event):
+    """Instead of binding, the client asks to resume stream ``previd`` having received ``h``
+    of its stanzas; answer with ``resume_sm`` or ``refuse_sm``."""
+
+    previd: str
+    h: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStateChanged(Event):
+    """XEP-0352: the client says it is (in)active."""
+
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEnded(Event):
     """The stream is over (the peer closed it, or we sent a stream error); close the socket."""
 
@@ -149,6 +178,48 @@ class StreamSettings:
 
 
 CredentialLookup = Callable[[str], Mapping[str, ScramCredential] | None]
+
+
+@dataclass(eq=False)
+class SmState:
+    """One stream-management session (XEP-0198): counters and the stanzas the client has not
+    acknowledged. It outlives a connection when the stream is resumable: the driver hands
+    it to the stream that resumes it.
+
+    ``handled`` is what we report as ``h``: the driver counts an inbound stanza only once it
+    is durable (see ``C2SStream.stanza_handled``). ``sent`` counts stanzas sent (or held for
+    a detached session), and ``unacked`` keeps ``(its count, stanza)`` until the client's
+    ``h`` covers it. All counters wrap at 2^32 as the XEP says.
+    """
+
+    id: str
+    resume: bool
+    max: int  # seconds a detached session waits for resumption
+    handled: int = 0
+    sent: int = 0
+    unacked: list[tuple[int, ET.Element]] = field(default_factory=list)
+    since_request: int = 0
+
+    def hold(self, stanza: ET.Element) -> None:
+        """Count ``stanza`` as sent and keep it until it is acknowledged."""
+        self.sent = (self.sent + 1) % _H_MODULUS
+        self.unacked.append((self.sent, stanza))
+        self.since_request += 1
+
+    def acknowledge(self, h: int) -> bool:
+        """Drop what ``h`` acknowledges; False if ``h`` acknowledges stanzas never sent."""
+        acked = (self.sent - len(self.unacked)) % _H_MODULUS
+        newly = (h - acked) % _H_MODULUS
+        if newly > len(self.unacked):
+            return False
+        del self.unacked[:newly]
+        return True
+
+    def take_unacked(self) -> list[ET.Element]:
+        """Every stanza not acknowledged (the session is over for good); forgets them."""
+        stanzas = [stanza for _, stanza in self.unacked]
+        self.unacked.clear()
+        return stanzas
 
 
 class C2SStream:
@@ -184,6 +255,7 @@ class C2SStream:
         self._sasl: SaslServer | None = None
         self._auth_failures = 0
         self._bind_iq: ET.Element | None = None
+        self.sm: SmState | None = None
 
     # ----- driver API --------------------------------------------------------------------
 
@@ -274,11 +346,66 @@ class C2SStream:
         """End the stream with a stream error (e.g. system-shutdown, connection-timeout)."""
         self._stream_error(condition, text, report=False)
 
+    # stream management and client state (XEP-0198, XEP-0352) ----------------------------
+
+    def enable_sm(self, sm_id: str, *, resume: bool, max_s: int) -> SmState:
+        """Answer ``SmEnableRequested``: from now on stanzas are counted."""
+        self.sm = SmState(sm_id, resume, max_s)
+        enabled = ET.Element(f"{{{NS_SM}}}enabled")
+        if resume:
+            enabled.attrib.update({"id": sm_id, "resume": "true", "max": str(max_s)})
+        self._out.append(xml.serialize(enabled))
+        return self.sm
+
+    def refuse_sm(self, condition: str, *, h: int | None = None) -> None:
+        """Answer ``SmEnableRequested`` or ``SmResumeRequested`` with ``<failed/>``."""
+        failed = ET.Element(f"{{{NS_SM}}}failed")
+        if h is not None:
+            failed.set("h", str(h))
+        ET.SubElement(failed, f"{{urn:ietf:params:xml:ns:xmpp-stanzas}}{condition}")
+        self._out.append(xml.serialize(failed))
+
+    def resume_sm(self, state: SmState, jid: JID) -> None:
+        """Answer ``SmResumeRequested``: this stream continues ``state`` (the driver has
+        applied the client's ``h`` with ``state.acknowledge``) as ``jid``; every stanza still
+        unacknowledged is sent again, in order, under its old count."""
+        self.jid = jid
+        self.username = jid.local
+        self.phase = Phase.READY
+        self.sm = state
+        resumed = ET.Element(f"{{{NS_SM}}}resumed", {"previd": state.id, "h": str(state.handled)})
+        self._out.append(xml.serialize(resumed))
+        ns = None if self.framed else NS_CLIENT
+        for _, stanza in state.unacked:
+            self._out.append(xml.serialize(stanza, default_ns=ns))
+        if state.unacked:
+            self._request_ack()
+
+    def stanza_handled(self) -> None:
+        """One more inbound stanza is handled (durable); the next ``<a/>`` counts it."""
+        if self.sm is not None:
+            self.sm.handled = (self.sm.handled + 1) % _H_MODULUS
+
+    def request_ack(self) -> None:
+        """Ask the client for an ``<a/>`` if anything is unacknowledged."""
+        if self.sm is not None and self.sm.unacked and self.phase is Phase.READY:
+            self._request_ack()
+
+    def _request_ack(self) -> None:
+        assert self.sm is not None
+        self.sm.since_request = 0
+        self._out.append(_SM_REQUEST)
+
     # ----- internals ---------------------------------------------------------------------
 
     def _send(self, element: ET.Element) -> None:
         # Framed, every message is a document of its own and declares its namespace.
         self._out.append(xml.serialize(element, default_ns=None if self.framed else NS_CLIENT))
+        sm = self.sm
+        if sm is not None:  # every stanza after <enable/> counts (bind replies come before)
+            sm.hold(element)
+            if sm.since_request >= SM_REQUEST_EVERY:
+                self._request_ack()
 
     def _closing(self) -> bytes:
         return xml.framed_close() if self.framed else xml.STREAM_CLOSE
@@ -459,6 +586,12 @@ class C2SStream:
     # binding ---------------------------------------------------------------------------
 
     def _on_pre_bind(self, element: ET.Element) -> None:
+        if element.tag == f"{{{NS_SM}}}resume":
+            self._on_resume(element)
+            return
+        if element.tag == f"{{{NS_SM}}}enable":
+            self.refuse_sm("unexpected-request")  # XEP-0198 §3: enable only once bound
+            return
         if kind(element) != "iq" or element.tag != f"{{{NS_CLIENT}}}iq":
             self._stream_error("not-authorized", "bind a resource first")
             return
@@ -493,10 +626,55 @@ class C2SStream:
         request, self._bind_iq = self._bind_iq, None
         return request
 
+    # stream management and client state -----------------------------------------------
+
+    def _on_resume(self, element: ET.Element) -> None:
+        previd, h = element.get("previd"), _counter(element.get("h"))
+        if not previd or h is None:
+            self.refuse_sm("bad-request")
+            return
+        self._events.append(SmResumeRequested(previd, h))
+
+    def _on_nonza(self, element: ET.Element) -> bool:
+        """Handle a stream-management or client-state element; False if it is not one."""
+        tag = element.tag
+        if tag == _SM_ACK_TAG:
+            h = _counter(element.get("h"))
+            if self.sm is None or h is None or not self.sm.acknowledge(h):
+                self._stream_error("undefined-condition", "<a/> acknowledges stanzas never sent")
+            return True
+        if tag == _SM_REQUEST_TAG:
+            if self.sm is None:
+                self._stream_error("unsupported-stanza-type", "stream management is not enabled")
+            else:
+                ack = ET.Element(_SM_ACK_TAG, {"h": str(self.sm.handled)})
+                self._out.append(xml.serialize(ack))
+            return True
+        if tag == f"{{{NS_SM}}}enable":
+            if self.sm is not None:
+                self.refuse_sm("unexpected-request")
+            else:
+                self._events.append(
+                    SmEnableRequested(
+                        resume=element.get("resume") in ("true", "1"),
+                        max=_counter(element.get("max")),
+                    )
+                )
+            return True
+        if tag == f"{{{NS_SM}}}resume":
+            self.refuse_sm("unexpected-request")  # this stream is bound already
+            return True
+        if tag in (_CSI_ACTIVE, _CSI_INACTIVE):
+            self._events.append(ClientStateChanged(active=tag == _CSI_ACTIVE))
+            return True
+        return False
+
     # stanzas ---------------------------------------------------------------------------
 
     def _on_stanza(self, stanza: ET.Element) -> None:
         assert self.jid is not None
+        if not stanza.tag.startswith(_CLIENT_PREFIX) and self._on_nonza(stanza):
+            return
         stanza_kind = kind(stanza)
         if not stanza_kind or not stanza.tag.startswith(f"{{{NS_CLIENT}}}"):
             self._stream_error("unsupported-stanza-type", f"{stanza.tag} is not a stanza")
@@ -516,6 +694,22 @@ class C2SStream:
                 return
             stanza.set("to", str(to_jid))
         self._events.append(StanzaReceived(stanza, stanza_kind, to_jid))
+
+
+_CLIENT_PREFIX: Final = f"{{{NS_CLIENT}}}"
+_SM_ACK_TAG: Final = f"{{{NS_SM}}}a"
+_SM_REQUEST_TAG: Final = f"{{{NS_SM}}}r"
+_SM_REQUEST: Final = xml.serialize(ET.Element(_SM_REQUEST_TAG))
+_CSI_ACTIVE: Final = f"{{{NS_CSI}}}active"
+_CSI_INACTIVE: Final = f"{{{NS_CSI}}}inactive"
+
+
+def _counter(text: str | None) -> int | None:
+    """An XEP-0198 counter or ``max``: a decimal in [0, 2^32); None if absent or invalid."""
+    if text is None or not text.isascii() or not text.isdigit() or len(text) > 10:
+        return None
+    value = int(text)
+    return value if value < _H_MODULUS else None
 
 
 def _sasl_element(name: str, data: bytes | None) -> bytes:
