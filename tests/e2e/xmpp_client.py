@@ -110,6 +110,7 @@ _PLUGINS: Final = (
     "xep_0054",  # vcard-temp
     "xep_0049",  # private XML storage
     "xep_0359",  # unique and stable stanza ids
+    "xep_0191",  # blocking command
 )
 # slixmpp's disconnect reason when the server closed its stream (no event says so otherwise).
 _SLIXMPP_END_OF_STREAM: Final = "End of stream"
@@ -126,6 +127,7 @@ _RSM_NS: Final = "http://jabber.org/protocol/rsm"
 _DISCO_INFO_NS: Final = "http://jabber.org/protocol/disco#info"
 _VCARD_NS: Final = "vcard-temp"
 _PRIVATE_NS: Final = "jabber:iq:private"
+_BLOCKING_NS: Final = "urn:xmpp:blocking"
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -800,6 +802,23 @@ class _Session:
             raise XmppHarnessError(f"no {{{namespace}}}{name} in {_xml(result)}")
         return _xml(stored)
 
+    async def get_blocklist(self) -> tuple[str, ...]:
+        self._require_live()
+        result = await self._reply(self._xmpp.plugin["xep_0191"].get_blocked())
+        blocklist = _query(result, f"{{{_BLOCKING_NS}}}blocklist")
+        return tuple(item.get("jid", "") for item in blocklist.findall(f"{{{_BLOCKING_NS}}}item"))
+
+    async def block(self, jids: tuple[str, ...]) -> None:
+        self._require_live()
+        await self._reply(self._xmpp.plugin["xep_0191"].block([slixmpp.JID(j) for j in jids]))
+
+    async def unblock(self, jids: tuple[str, ...]) -> None:
+        if not jids:  # xep_0191's unblock() would send an iq without <unblock/>
+            await self._iq("set", ET.Element(f"{{{_BLOCKING_NS}}}unblock"))
+            return
+        self._require_live()
+        await self._reply(self._xmpp.plugin["xep_0191"].unblock([slixmpp.JID(j) for j in jids]))
+
 
 # --- the blocking, thread-safe client -----------------------------------------------------------
 
@@ -1062,6 +1081,18 @@ class XmppTestClient:
         future = self._submit(lambda s: s.private_get(name, namespace))
         return self._wait(future, timeout, "private_get")
 
+    def get_blocklist(self, timeout: float = DEFAULT_TIMEOUT_S) -> tuple[str, ...]:
+        """XEP-0191: the JIDs we block (the server pushes changes to us from then on)."""
+        return self._wait(self._submit(lambda s: s.get_blocklist()), timeout, "get_blocklist")
+
+    def block(self, *jids: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """XEP-0191: block these JIDs."""
+        self._wait(self._submit(lambda s: s.block(jids)), timeout, "block")
+
+    def unblock(self, *jids: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """XEP-0191: unblock these JIDs; with none, unblock everything."""
+        self._wait(self._submit(lambda s: s.unblock(jids)), timeout, "unblock")
+
     def send_raw(self, data: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """Write ``data`` to the stream as is (ahead of stanzas still queued in slixmpp)."""
         self._wait(self._submit(lambda s: s.send_raw(data)), timeout, "send_raw")
@@ -1226,6 +1257,15 @@ class TrioXmppClient:
 
     async def private_get(self, name: str, namespace: str) -> str:
         return await self._run(lambda s: s.private_get(name, namespace))
+
+    async def get_blocklist(self) -> tuple[str, ...]:
+        return await self._run(lambda s: s.get_blocklist())
+
+    async def block(self, *jids: str) -> None:
+        await self._run(lambda s: s.block(jids))
+
+    async def unblock(self, *jids: str) -> None:
+        await self._run(lambda s: s.unblock(jids))
 
     async def send_raw(self, data: str) -> None:
         await self._run(lambda s: s.send_raw(data))

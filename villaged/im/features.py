@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from villaged.im.blocking import BlockingView
 from villaged.im.messages import MessageStoreView
 from villaged.im.private import PrivateView
 from villaged.im.roster import RosterView
@@ -32,9 +33,10 @@ class FeatureViews:
     private: PrivateView = field(default_factory=PrivateView)
     roster: RosterView = field(default_factory=RosterView)
     messages: MessageStoreView = field(default_factory=MessageStoreView)
+    blocking: BlockingView = field(default_factory=BlockingView)
 
     def all(self) -> list[View]:
-        return [self.vcards, self.private, self.roster, self.messages]
+        return [self.vcards, self.private, self.roster, self.messages, self.blocking]
 
 
 @asynccontextmanager

@@ -2,8 +2,11 @@
 
 A message from a client goes through these steps, in this order:
 
-1. refusals (RFC 6121 §8.5.1/§8.5.2): another domain → ``remote-server-not-found``, the server
-   itself or an unknown user → ``service-unavailable``;
+1. refusals: a message between a user and a JID either of them blocks (``blocking``,
+   XEP-0191) → ``not-acceptable`` with ``<blocked/>`` to a sender who blocks the recipient,
+   ``service-unavailable`` to a sender the recipient blocks — before anything is archived
+   or queued; then (RFC 6121 §8.5.1/§8.5.2) another domain → ``remote-server-not-found``, the
+   server itself or an unknown user → ``service-unavailable``;
 2. sanitizing: <stanza-id/> elements claiming one of our archives and carbons wrappers are
    removed (only the server may make those: see the security considerations of XEP-0359 and
    XEP-0280);
@@ -85,6 +88,7 @@ if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
     from collections.abc import Awaitable, Callable, Mapping
 
+    from villaged.im.blocking import Blocking
     from villaged.im.context import ImContext
     from villaged.im.sessions import Session
     from villaged.storage.state import Unseal
@@ -291,10 +295,12 @@ class Messages:
         offline_limit: int = DEFAULT_LIMIT,
         archive_keep: int = DEFAULT_ARCHIVE_KEEP,
         in_roster: Callable[[JID, JID], bool] | None = None,
+        blocking: Blocking | None = None,
     ) -> None:
         if archive_keep < 1:
             raise ValueError("archive_keep must be at least 1")
         self.ctx = ctx
+        self.blocking = blocking
         found = view if view is not None else _registered_view(ctx)
         if found is not None and _registered_view(ctx) is not found:
             raise ValueError("the message view is not the one the store was opened with")
@@ -330,6 +336,8 @@ class Messages:
         client sent the messages (see `PendingDelivery`)."""
         pending = PendingDelivery(session)
         mtype = message.get("type", "normal")
+        if self._refused_by_block(pending, message, session.jid, to):
+            return pending
         if not self.ctx.is_local(to):
             if mtype != "error":
                 pending.reply(error_reply(message, "remote-server-not-found"))
@@ -357,7 +365,9 @@ class Messages:
         commit what must be durable, then hand it to sessions. True if a session took it or
         it was stored offline. Errors go to ``sender`` when there is one."""
         pending = PendingDelivery(sender)
-        await self._accept(pending, message, to)
+        from_jid = _from_jid(message, sender)
+        if from_jid is None or not self._refused_by_block(pending, message, from_jid, to):
+            await self._accept(pending, message, to)
         return await pending.complete()
 
     async def _accept(self, pending: PendingDelivery, message: ET.Element, to: JID) -> None:
@@ -442,6 +452,19 @@ class Messages:
         pending.accepted(commit, hand_over, release)
 
     # ----- helpers -----------------------------------------------------------------------
+
+    def _refused_by_block(
+        self, pending: PendingDelivery, message: ET.Element, sender: JID, to: JID
+    ) -> bool:
+        """XEP-0191: True if a blocklist stops ``message`` (the sender then gets its error)."""
+        if self.blocking is None:
+            return False
+        why = self.blocking.blocked(sender, to)
+        if why is None:
+            return False
+        if pending.sender is not None and message.get("type") != "error":
+            pending.reply(self.blocking.refusal(message, why))
+        return True
 
     def _route(
         self, message: ET.Element, to: JID, pending: PendingDelivery

@@ -23,6 +23,13 @@ message routing is the messages feature's business. Stanzas for other domains go
 ``outbound_remote`` hook (by default the roster's), which drops them until federation exists.
 Without a roster (a node built without the roster feature), presence reaches only the user's
 own resources and the targets of directed presence.
+
+With the blocking feature (XEP-0191), every presence stanza passes `Blocking.blocked` on its
+way to each recipient resource (in ``_send``): a stanza between a user and a JID either of
+them blocks is not delivered, probes between them go unanswered, stored subscription requests
+from a blocked JID are not shown again, and a user's own directed presence or subscription
+stanza to a JID they block is refused with ``<blocked/>``. After a blocklist changes,
+`blocking_changed` sends the presence the change calls for (§3.3-§3.5).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import logging
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Final
 
+from villaged.im.blocking import Blocked
 from villaged.im.roster import (
     PRESENCE,
     SUBSCRIPTION_TYPES,
@@ -40,15 +48,16 @@ from villaged.im.roster import (
     presence_stanza,
     readdressed,
 )
+from villaged.xmpp.jid import JID, JIDError
 from villaged.xmpp.stanza import error_reply
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterable, Iterator
 
+    from villaged.im.blocking import BlockChange, Blocking
     from villaged.im.context import ImContext
     from villaged.im.roster import Roster
     from villaged.im.sessions import Session
-    from villaged.xmpp.jid import JID
 
 log = logging.getLogger("villaged.im.presence")
 
@@ -65,9 +74,11 @@ class Presence:
         on_available: Callable[[Session], Awaitable[None]] | None = None,
         outbound_remote: Callable[[ET.Element], Awaitable[None]] | None = None,
         max_directed: int = DEFAULT_MAX_DIRECTED,
+        blocking: Blocking | None = None,
     ) -> None:
         self.ctx = ctx
         self.roster = roster
+        self.blocking = blocking
         self.on_available = on_available
         if outbound_remote is None:
             outbound_remote = roster.outbound_remote if roster is not None else drop_remote
@@ -109,8 +120,8 @@ class Presence:
         will call it for probes from other domains.
         """
         roster = self.roster
-        if roster is None:
-            return
+        if roster is None or self._blocked(contact, prober):
+            return  # XEP-0191: a blocked prober gets no answer, a blocked contact is not heard
         if not self.ctx.user_exists(contact) or not roster.shares_presence(contact, prober.bare):
             # §4.3.2: say so, which ends the prober's stale subscription.
             unsubscribed = presence_stanza("unsubscribed", contact, prober.bare)
@@ -139,6 +150,8 @@ class Presence:
         user = session.jid.bare
         if self.roster is not None:
             for contact in self.roster.subscriptions(user):
+                if self._blocked(contact, session.jid):
+                    continue  # neither asked nor answered across a block
                 if self.ctx.is_local(contact):
                     await self.probe(session.jid, contact)
                 else:
@@ -148,7 +161,9 @@ class Presence:
                 session.send(readdressed(other.presence, session.jid))
         if self.roster is not None:
             for request in self.roster.pending_requests(user):
-                session.send(request)
+                sender = self._sender(request)
+                if sender is None or not self._blocked(sender, session.jid):
+                    session.send(request)
         if self.on_available is not None:
             await self.on_available(session)
 
@@ -176,6 +191,8 @@ class Presence:
     async def _directed_presence(self, session: Session, presence: ET.Element, to: JID) -> None:
         if self.ctx.is_local(to) and not self.ctx.user_exists(to):
             return  # §8.5.2.2.1 / §8.5.3.2.3: presence to no account is silently ignored
+        if self._stopped_by_block(session, presence, to):
+            return
         directed = self._directed.setdefault(session, set())
         if presence.get("type") == "unavailable":
             directed.discard(to)
@@ -195,6 +212,8 @@ class Presence:
     async def _subscription(self, session: Session, presence: ET.Element, to: JID | None) -> None:
         if self.roster is None or to is None or to.bare == session.jid.bare:
             return  # nobody to subscribe to (RFC 6121 lets a server drop what it cannot use)
+        if self._stopped_by_block(session, presence, to):
+            return
         await self.roster.outbound_subscription(session, presence, to.bare)
 
     async def _route_error(self, presence: ET.Element, to: JID | None) -> None:
@@ -202,10 +221,100 @@ class Presence:
             await self._send(presence, to)
 
     async def _send(self, stanza: ET.Element, to: JID) -> None:
+        """Deliver or route ``stanza``, except to a resource that is blocked from its sender
+        or blocks it (XEP-0191: each resource on its own, so a blocked resource is skipped
+        even in a broadcast to its bare JID)."""
+        sender = None
+        if self.blocking is not None and self.blocking.view.any_lists():
+            sender = self._sender(stanza)
+        if sender is None:
+            await self._deliver(stanza, to)
+        elif not self.ctx.is_local(to):
+            if not self._blocked(sender, to):
+                await self.outbound_remote(stanza)
+        else:
+            for target in self._resources(to):
+                if not self._blocked(sender, target):
+                    deliver_presence(self.ctx.sessions, stanza, target)
+
+    async def _deliver(self, stanza: ET.Element, to: JID) -> None:
         if self.ctx.is_local(to):
             deliver_presence(self.ctx.sessions, stanza, to)
         else:
             await self.outbound_remote(stanza)
+
+    # ----- blocking (XEP-0191) -----------------------------------------------------------------
+
+    async def blocking_changed(self, change: BlockChange) -> None:
+        """After a durable change of ``change.user``'s blocklist (§3.3-§3.5): a newly blocked
+        JID that could see the user's presence sees the user's resources go offline, a newly
+        unblocked one gets their current presence again; and the other way round, the user's
+        resources see a newly blocked contact go offline, and get a newly unblocked contact's
+        presence back as a probe would bring it."""
+        user = change.user
+        mine = [s for s in self.ctx.sessions.of_user(user) if s.available]
+        subscribers = self.roster.subscribers(user) if self.roster is not None else []
+        for session in mine:
+            audience = {*subscribers, *self._directed.get(session, ())}
+            for target in sorted(set(self._addressees(audience))):
+                if not change.affects(target):
+                    continue
+                if change.blocked:  # the block is in force already: past the filter of _send
+                    await self._deliver(presence_stanza("unavailable", session.jid, target), target)
+                elif session.presence is not None:
+                    await self._send(readdressed(session.presence, target), target)
+        if self.roster is None or not mine:
+            return
+        for contact in self.roster.subscriptions(user):
+            if not self.ctx.is_local(contact):
+                if not change.blocked and change.affects(contact):
+                    for session in mine:
+                        await self.outbound_remote(presence_stanza("probe", session.jid, contact))
+                continue
+            for theirs in self.ctx.sessions.of_user(contact):
+                if not theirs.available or theirs.presence is None:
+                    continue
+                if not change.affects(theirs.jid):
+                    continue
+                for session in mine:
+                    if change.blocked:
+                        session.send(presence_stanza("unavailable", theirs.jid, session.jid))
+                    else:
+                        await self._send(readdressed(theirs.presence, session.jid), session.jid)
+
+    def _blocked(self, sender: JID, to: JID) -> bool:
+        return self.blocking is not None and self.blocking.blocked(sender, to) is not None
+
+    def _stopped_by_block(self, session: Session, presence: ET.Element, to: JID) -> bool:
+        """XEP-0191 for a presence stanza the user sends: to a JID the user blocks it is
+        refused with <blocked/>; to someone who blocks the user it vanishes. True if stopped."""
+        if self.blocking is None:
+            return False
+        why = self.blocking.blocked(session.jid, to)
+        if why is Blocked.BY_SENDER:
+            session.send(self.blocking.refusal(presence, why))
+        return why is not None
+
+    def _resources(self, to: JID) -> list[JID]:
+        """The local resources a presence stanza for ``to`` reaches (as `deliver_presence`)."""
+        if to.resource:
+            return [to] if self.ctx.sessions.get(to) is not None else []
+        return [s.jid for s in self.ctx.sessions.of_user(to) if s.available]
+
+    def _addressees(self, audience: Iterable[JID]) -> Iterator[JID]:
+        """Each local resource the ``audience`` reaches, and each remote JID as it is."""
+        for target in audience:
+            if self.ctx.is_local(target):
+                yield from self._resources(target)
+            else:
+                yield target
+
+    @staticmethod
+    def _sender(stanza: ET.Element) -> JID | None:
+        try:
+            return JID.parse(stanza.get("from", ""))
+        except JIDError:
+            return None
 
 
 def priority(presence: ET.Element) -> int:

@@ -2,6 +2,8 @@
 account's handlers or to a local session; messages and presence go to their features.
 
 The router never touches a socket: it hands stanzas to sessions, whose drivers write them.
+An iq between a user and a JID either of them blocks (XEP-0191, ``blocking``) goes nowhere:
+a get or set is answered with the blocking feature's refusal, a result or error is dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
     from collections.abc import Mapping
 
+    from villaged.im.blocking import Blocking
     from villaged.im.context import ImContext
     from villaged.im.handlers import IqHandler
     from villaged.im.messages import Messages, PendingDelivery
@@ -26,13 +29,21 @@ log = logging.getLogger("villaged.im.router")
 
 
 class Router:
-    def __init__(self, ctx: ImContext, *, messages: Messages, presence: Presence) -> None:
+    def __init__(
+        self,
+        ctx: ImContext,
+        *,
+        messages: Messages,
+        presence: Presence,
+        blocking: Blocking | None = None,
+    ) -> None:
         self.ctx = ctx
         self.domain = ctx.domain
         self.sessions = ctx.sessions
         self.handlers = ctx.handlers
         self.messages = messages
         self.presence = presence
+        self.blocking = blocking
 
     # ----- entry points ------------------------------------------------------------------
 
@@ -70,6 +81,12 @@ class Router:
         if request and len(iq) != 1:
             session.send(error_reply(iq, "bad-request", text="iq get/set has exactly one child"))
             return
+        if to is not None and self.blocking is not None:
+            why = self.blocking.blocked(session.jid, to)
+            if why is not None:
+                if request:
+                    session.send(self.blocking.refusal(iq, why))
+                return
         if to is None or to == session.jid.bare:
             await self._handle_iq(session, iq, self.handlers.account_iq, to)
         elif to == JID("", self.domain):
