@@ -16,6 +16,7 @@ from villaged.xmpp.c2s import (
     MAX_AUTH_ATTEMPTS,
     NEED_DATA,
     SM_REQUEST_EVERY,
+    AckRequested,
     AuthFailed,
     AuthSucceeded,
     BindRequested,
@@ -448,7 +449,7 @@ class FramedClient:
         """What the server sent since last time, each message parsed on its own."""
         out = self.server.messages_to_send()
         self.messages += out
-        return [ET.fromstring(message) for message in out]
+        return [ET.fromstring(message) for message in out]  # noqa: S314 - our own output
 
     def login(self) -> JID:
         self.send(FRAMED_OPEN)
@@ -570,16 +571,21 @@ def test_sm_counts_stanzas_requests_acks_and_answers_with_what_is_handled() -> N
     client._read()
     got = client.take()
     assert [e.tag for e in got] == ["{jabber:client}message"] * SM_REQUEST_EVERY + [f"{{{SM}}}r"]
-    assert state.sent == SM_REQUEST_EVERY and len(state.unacked) == SM_REQUEST_EVERY
+    assert state.sent == SM_REQUEST_EVERY
+    assert len(state.unacked) == SM_REQUEST_EVERY
     assert client.send(f"<a xmlns='{SM}' h='3'/>".encode()) == []
     assert [s.findtext("{jabber:client}body") for _, s in state.unacked] == ["m3", "m4"]
     # Inbound: <a/> reports only what the driver said is handled (durable).
     events = client.send(b"<message to='bob@example.org'><body>x</body></message>")
     assert isinstance(events[0], StanzaReceived)
-    client.send(f"<r xmlns='{SM}'/>".encode())
+    assert client.send(f"<r xmlns='{SM}'/>".encode()) == [AckRequested()]
+    client.server.send_ack()
+    client._read()
     assert client.take()[-1].get("h") == "0"
     client.server.stanza_handled()
     client.send(f"<r xmlns='{SM}'/>".encode())
+    client.server.send_ack()
+    client._read()
     assert client.take()[-1].get("h") == "1"
     # A second enable fails; acknowledging stanzas never sent ends the stream.
     client.send(f"<enable xmlns='{SM}'/>".encode())

@@ -39,7 +39,7 @@ from villaged.xmpp.jid import JID
 from villaged.xmpp.xml import XmlLimits
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from villaged.config import C2SConfig
     from villaged.im.handlers import HandlerRegistry
@@ -66,6 +66,10 @@ WRITE_TIMEOUT_S: Final = 30.0
 #: A client that has sent nothing for this long releases its XML parser until it speaks again
 #: (~12 KiB each: most of what an idle connection costs beyond its TLS state).
 COMPACT_AFTER_S: Final = 5.0
+#: Ending a session (unacknowledged messages to offline storage, presence) may take this long.
+SESSION_END_TIMEOUT_S: Final = 10.0
+#: Stanzas held back for an inactive client (XEP-0352) before they all go out anyway.
+CSI_MAX_HELD: Final = 256
 CLOSE_TIMEOUT_S: Final = 2.0
 _ping_ids = itertools.count(1)
 
@@ -99,6 +103,10 @@ class C2SContext:
     unknown_user_secret: bytes
     connections_per_ip: dict[str, int] = field(default_factory=dict)
     handshakes_per_ip: dict[str, trio.CapacityLimiter] = field(default_factory=dict)
+    # XEP-0198: where a session's unacknowledged stanzas go when it ends for good (app.py
+    # wires im.stream_management.store_unacked), and the resumable streams by their id.
+    store_unacked: Callable[[JID, list[ET.Element]], Awaitable[int]] | None = None
+    resumable: dict[str, C2SConnection] = field(default_factory=dict)
 
     def stream_settings(self) -> core.StreamSettings:
         return core.StreamSettings(
@@ -193,6 +201,14 @@ class C2SConnection:
         self._pipeline_shrank = _Wakeup()
         self._completing = False
         self._nursery: trio.Nursery | None = None
+        # Stream management: set when another connection resumed this one's session; while
+        # detached (the socket gone, the session resumable), `_resumed` wakes the wait.
+        self._taken_over = False
+        self._detached: trio.Event | None = None
+        self._peer_closed = False
+        # Client state indication: while inactive, stanzas that can wait are held here.
+        self._inactive = False
+        self._held: list[ET.Element] = []
 
     def _credentials(self, username: str) -> Mapping[str, ScramCredential] | None:
         return self.ctx.store.credentials(f"{username}@{self.ctx.domain}")
@@ -248,23 +264,35 @@ class C2SConnection:
                 self.ctx.connections_per_ip[self.peer] = remaining
             else:
                 del self.ctx.connections_per_ip[self.peer]
+            if self._resumable_now():
+                await self._wait_for_resumption()  # no socket held meanwhile
+            if not self._taken_over:
+                with trio.move_on_after(SESSION_END_TIMEOUT_S) as cleanup:
+                    cleanup.shield = True
+                    await self._end_session()
 
     def terminate(self, condition: str, text: str) -> None:
         """End this stream with a stream error (from another task: a newer login, shutdown,
-        a full send queue). Idempotent."""
+        a full send queue). Idempotent. A detached session ends for good."""
         if self._terminate is None:
             self._terminate = (condition, text)
             self._scope.cancel()
+        if self._detached is not None:
+            self._detached.set()
 
     async def _finish(self) -> None:
+        """Write what is left and close the transport; the session itself ends in
+        `_end_session` (unless it waits for resumption first)."""
+        if self._taken_over:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await (self.framed or self.transport).aclose()
+            return
         # Replies already queued for this client (e.g. errors for its last messages) go out
         # before the stream ends.
         self._outbox.closed = True
-        for stanza in self._outbox.take():
+        for stanza in self._held + self._outbox.take():
             self.stream.send_stanza(stanza)
-        if self.session is not None:
-            self.ctx.sessions.remove(self.session)
-            await self.ctx.router.session_ended(self.session)
+        self._held.clear()
         if self._terminate is not None:
             condition, text = self._terminate
             self.stream.fail(condition, text)
@@ -279,6 +307,122 @@ class C2SConnection:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await (self.framed or self.transport).aclose()
         log.debug("closed", extra={"event": "c2s.closed", "peer": self.peer})
+
+    # ----- stream management (XEP-0198) ---------------------------------------------------
+
+    def _resumable_now(self) -> bool:
+        """Whether the stream broke in a way a client resumes from: it did not close it
+        itself, and we did not end it for a reason of our own (a timeout is the network's)."""
+        sm = self.stream.sm
+        return (
+            sm is not None
+            and sm.resume
+            and self.session is not None
+            and not self._taken_over
+            and not self._peer_closed
+            and (self._terminate is None or self._terminate[0] == "connection-timeout")
+        )
+
+    async def _wait_for_resumption(self) -> None:
+        sm = self.stream.sm
+        assert sm is not None
+        assert self.session is not None
+        self._detached = trio.Event()
+        self._terminate = None
+        # Until resumed, stanzas for this session are kept as sent-but-unacknowledged: a
+        # resuming client gets them, in order, with the rest.
+        self.session.enqueue = self._hold_detached
+        log.info(
+            "stream detached; waiting for resumption",
+            extra={"event": "sm.detached", "jid": str(self.session.jid), "max": sm.max},
+        )
+        with trio.move_on_after(sm.max):
+            await self._detached.wait()
+        self._detached = None
+        if not self._taken_over:
+            log.info(
+                "stream not resumed",
+                extra={"event": "sm.expired", "jid": str(self.session.jid)},
+            )
+
+    def _hold_detached(self, stanza: ET.Element) -> bool:
+        sm = self.stream.sm
+        assert sm is not None
+        if len(sm.unacked) >= self.ctx.limits.sm_max_unacked:
+            return False  # the session then ends (Session.send terminates it)
+        sm.hold(stanza)
+        return True
+
+    async def _end_session(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        # Unregistered first: nothing may be routed (or flushed from offline storage) to a
+        # session whose unacknowledged stanzas are being put away.
+        self.ctx.sessions.remove(session)
+        sm = self.stream.sm
+        if sm is not None:
+            if self.ctx.resumable.get(sm.id) is self:
+                del self.ctx.resumable[sm.id]
+            unacked = sm.take_unacked()
+            if unacked and self.ctx.store_unacked is not None:
+                try:
+                    await self.ctx.store_unacked(session.jid, unacked)
+                except StorageError as exc:
+                    log.error(
+                        "unacknowledged messages not queued offline (the archive has them)",
+                        extra={"event": "sm.unacked_failed", "error": str(exc)},
+                    )
+        await self.ctx.router.session_ended(session)
+
+    def _enable_sm(self, event: core.SmEnableRequested) -> None:
+        limit = self.ctx.limits.sm_resume_timeout
+        if not event.resume:
+            self.stream.enable_sm(os.urandom(12).hex(), resume=False, max_s=0)
+            return
+        wanted = event.max if event.max else limit
+        sm = self.stream.enable_sm(os.urandom(18).hex(), resume=True, max_s=min(wanted, limit))
+        self.ctx.resumable[sm.id] = self
+        log.info("stream management enabled", extra={"event": "sm.enabled", "peer": self.peer})
+
+    def _resume(self, event: core.SmResumeRequested) -> None:
+        old = self.ctx.resumable.get(event.previd)
+        username = self.stream.username
+        old_sm = old.stream.sm if old is not None else None
+        if (
+            old is None
+            or old_sm is None
+            or old.session is None
+            or old.session.jid.local != username
+        ):
+            # Unknown, expired, or another user's: XEP-0198 §5 item-not-found.
+            self.stream.refuse_sm("item-not-found")
+            _security("resumption refused", "sm.resume_failed", self)
+            return
+        if not old_sm.acknowledge(event.h):
+            self.stream.refuse_sm("unexpected-request", h=old_sm.handled)
+            return
+        session = old.session
+        # Take everything over in one step (no checkpoint): the old connection stops
+        # counting and writing, and its teardown leaves the session alone.
+        old._taken_over = True
+        pending = old._held + old._outbox.take()
+        old._held.clear()
+        old._outbox.closed = True
+        old._scope.cancel()
+        if old._detached is not None:
+            old._detached.set()
+        for stanza in pending:
+            old_sm.hold(stanza)  # never written: sent now with the rest of the unacked
+        session.enqueue = self._enqueue
+        session.terminate = self.terminate
+        self.session = session
+        self.ctx.resumable[old_sm.id] = self
+        self.stream.resume_sm(old_sm, session.jid)
+        log.info(
+            "stream resumed",
+            extra={"event": "sm.resumed", "jid": str(session.jid), "peer": self.peer},
+        )
 
     # ----- reading -----------------------------------------------------------------------
 
@@ -304,6 +448,9 @@ class C2SConnection:
             if data is None and trio.current_time() < deadline:
                 self.stream.compact()
                 compacted = True
+                if self.stream.sm is not None and self.stream.sm.unacked:
+                    self.stream.request_ack()  # the quiet client may have missed the last <r/>
+                    await self._flush()
                 continue
             if data is not None:
                 pinged = compacted = False
@@ -348,6 +495,22 @@ class C2SConnection:
                     await self.ctx.router.from_client(
                         self.session, event.stanza, event.kind, event.to
                     )
+                    self.stream.stanza_handled()
+            elif isinstance(event, core.AckRequested):
+                # Answered in order: the <a/> covers everything the client sent before <r/>
+                # (as soon as it is durable), so a client need not ask again and again.
+                await self._drain_pipeline()
+                self.stream.send_ack()
+            elif isinstance(event, core.SmEnableRequested):
+                self._enable_sm(event)
+            elif isinstance(event, core.SmResumeRequested):
+                self._resume(event)
+            elif isinstance(event, core.ClientStateChanged):
+                self._inactive = not event.active
+                if event.active and self._held:
+                    held, self._held = self._held, []
+                    for stanza in held:
+                        self.stream.send_stanza(stanza)
             elif isinstance(event, core.StartTls):
                 await self._flush()
                 if not await self._start_tls():
@@ -378,6 +541,7 @@ class C2SConnection:
             elif isinstance(event, core.BindRequested):
                 self._bind(event.resource)
             elif isinstance(event, core.StreamEnded):
+                self._peer_closed = event.by_peer
                 if event.condition is not None:
                     log.info(
                         "stream error",
@@ -402,6 +566,7 @@ class C2SConnection:
         pending = await self.ctx.router.accept_message(session, message, to)
         if not self._pipeline and pending.ready:
             await pending.complete()  # nothing to wait for, nothing to overtake
+            self.stream.stanza_handled()
             return
         self._pipeline.append(pending)
         if not self._completing:
@@ -417,6 +582,8 @@ class C2SConnection:
                 # Left in the list until complete: if this is cancelled, teardown abandons it.
                 await self._pipeline[0].complete()
                 self._pipeline.pop(0)
+                if not self._taken_over:  # (a resumed stream reported its count already)
+                    self.stream.stanza_handled()  # durable and delivered: <a/> may count it
                 self._pipeline_shrank.set()
         finally:
             self._completing = False
@@ -482,6 +649,8 @@ class C2SConnection:
     # ----- writing -----------------------------------------------------------------------
 
     def _enqueue(self, stanza: ET.Element) -> bool:
+        if self._outbox.closed and self.stream.sm is not None:
+            return self._hold_detached(stanza)  # closing: unacknowledged, so kept
         return self._outbox.put(stanza)
 
     async def _write_outbox(self) -> None:
@@ -492,11 +661,33 @@ class C2SConnection:
             # Everything queued goes out in the same TLS write: one record and one send() per
             # wakeup instead of per stanza (the queue is bounded, so is this).
             for stanza in outbox.take():
-                self.stream.send_stanza(stanza)
+                if self._inactive and _can_wait(stanza):
+                    self._hold(stanza)
+                else:
+                    self.stream.send_stanza(stanza)
+            sm = self.stream.sm
+            if sm is not None and len(sm.unacked) > self.ctx.limits.sm_max_unacked:
+                self.terminate("resource-constraint", "too many unacknowledged stanzas")
             try:
                 await self._flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+
+    def _hold(self, stanza: ET.Element) -> None:
+        """CSI: keep ``stanza`` until the client is active; a newer presence from the same
+        sender replaces the older, and past `CSI_MAX_HELD` everything held goes out."""
+        if stanza.tag == "{jabber:client}presence":
+            sender = stanza.get("from")
+            self._held = [
+                s
+                for s in self._held
+                if not (s.tag == "{jabber:client}presence" and s.get("from") == sender)
+            ]
+        self._held.append(stanza)
+        if len(self._held) > CSI_MAX_HELD:
+            held, self._held = self._held, []
+            for waiting in held:
+                self.stream.send_stanza(waiting)
 
     async def _flush(self) -> None:
         if not self.stream.has_data_to_send:
@@ -518,6 +709,17 @@ class C2SConnection:
                 )
                 self.terminate("connection-timeout", "not reading what the server sends")
                 raise trio.BrokenResourceError("write timed out")
+
+
+def _can_wait(stanza: ET.Element) -> bool:
+    """XEP-0352: what an inactive client need not get at once: presence, and messages with
+    no content a person reads (chat states, receipts). Anything else goes out at once."""
+    tag = stanza.tag
+    if tag == "{jabber:client}presence":
+        return True
+    if tag == "{jabber:client}message":
+        return stanza.find("{jabber:client}body") is None and stanza.get("type") != "error"
+    return False
 
 
 class _Wakeup:

@@ -139,6 +139,11 @@ class SmResumeRequested(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class AckRequested(Event):
+    """The client sent ``<r/>``: once what it sent before is handled, call ``send_ack``."""
+
+
+@dataclass(frozen=True, slots=True)
 class ClientStateChanged(Event):
     """XEP-0352: the client says it is (in)active."""
 
@@ -385,6 +390,12 @@ class C2SStream:
         """One more inbound stanza is handled (durable); the next ``<a/>`` counts it."""
         if self.sm is not None:
             self.sm.handled = (self.sm.handled + 1) % _H_MODULUS
+
+    def send_ack(self) -> None:
+        """``<a h=…/>`` with the number of inbound stanzas handled so far."""
+        if self.sm is not None and self.phase is Phase.READY:
+            ack = ET.Element(_SM_ACK_TAG, {"h": str(self.sm.handled)})
+            self._out.append(xml.serialize(ack))
 
     def request_ack(self) -> None:
         """Ask the client for an ``<a/>`` if anything is unacknowledged."""
@@ -647,8 +658,7 @@ class C2SStream:
             if self.sm is None:
                 self._stream_error("unsupported-stanza-type", "stream management is not enabled")
             else:
-                ack = ET.Element(_SM_ACK_TAG, {"h": str(self.sm.handled)})
-                self._out.append(xml.serialize(ack))
+                self._events.append(AckRequested())
             return True
         if tag == f"{{{NS_SM}}}enable":
             if self.sm is not None:
