@@ -7,7 +7,9 @@ logs in N pairs of users over STARTTLS with SCRAM-SHA-256, and has each user of 
 just before a message is written to when its recipient has parsed it. The client side is
 deliberately thin (pre-serialized stanzas, the project's own parser) so that it does not
 measure itself. With ``--idle K`` it also opens K more authenticated connections that stay
-idle and reports the server's resident memory per idle connection.
+idle and reports the server's resident memory per idle connection. With ``--ws`` every client
+connects over XMPP over WebSocket (RFC 7395, the TLS WebSocket listener) instead, framed with
+wsproto, and the result says ``"transport": "websocket"``.
 
 The last line on stdout is one JSON object::
 
@@ -31,15 +33,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
 from villaged.config import load_config
 from villaged.net.c2s import COMPACT_AFTER_S
-from villaged.ops.provision import init_dev
+from villaged.ops.provision import DEV_PORT_OFFSETS, init_dev
 from villaged.storage.store import StoreOptions, open_store
 from villaged.xmpp import xml
 
 ROOT = Path(__file__).resolve().parent.parent
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+FRAMED_OPEN = b"<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>"
 PORT_BASE = 25222  # below the ephemeral port range, so client sockets never hold it
 
 
@@ -53,9 +59,18 @@ def header() -> bytes:
 class Client:
     """A minimal XMPP client: STARTTLS, SCRAM-SHA-256, bind, then raw stanzas."""
 
+    ns = ""  # stanzas inherit jabber:client from the stream header
+
     def __init__(self, stream: trio.abc.Stream, tcp: trio.SocketStream) -> None:
         self.stream, self.tcp = stream, tcp
         self.parser = xml.StreamParser()
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def restart(self) -> None:
+        self.parser = xml.StreamParser()
+        await self.stream.send_all(header())
 
     async def element(self) -> xml.ET.Element:  # type: ignore[name-defined]
         while True:
@@ -76,41 +91,106 @@ class Client:
         await tcp.send_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
         await client.element()
         client.stream = trio.SSLStream(tcp, ca, server_hostname="localhost")
-        client.parser = xml.StreamParser()
-        await client.stream.send_all(header())
+        await client.restart()
         await client.element()
-        nonce = base64.b64encode(os.urandom(18)).decode()
-        first_bare = f"n={user},r={nonce}"
-        token = base64.b64encode(f"n,,{first_bare}".encode()).decode()
-        await client.stream.send_all(
-            f"<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256'>{token}</auth>".encode()
-        )
-        server_first = base64.b64decode((await client.element()).text or "").decode()
-        fields = dict(item.split("=", 1) for item in server_first.split(","))
-        salted = hashlib.pbkdf2_hmac(
-            "sha256", password.encode(), base64.b64decode(fields["s"]), int(fields["i"])
-        )
-        client_key = hmac.digest(salted, b"Client Key", "sha256")
-        stored = hashlib.sha256(client_key).digest()
-        without_proof = f"c=biws,r={fields['r']}"
-        auth_message = f"{first_bare},{server_first},{without_proof}".encode()
-        signature = hmac.digest(stored, auth_message, "sha256")
-        proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature, strict=True)))
-        final = base64.b64encode(f"{without_proof},p={proof.decode()}".encode()).decode()
-        await client.stream.send_all(f"<response xmlns='{SASL}'>{final}</response>".encode())
-        success = await client.element()
-        if not success.tag.endswith("success"):
-            raise PermissionError(f"login of {user} failed")
-        client.parser = xml.StreamParser()
-        await client.stream.send_all(header())
-        await client.element()
-        await client.stream.send_all(
-            b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
-            b"<resource>bench</resource></bind></iq>"
-        )
-        await client.element()
-        await client.stream.send_all(b"<presence/>")
+        await authenticate_and_bind(client, user, password)
         return client
+
+
+class WsClient:
+    """The same client over XMPP over WebSocket: one text message per element (wsproto for the
+    framing, the project's framed parser for the XML)."""
+
+    ns = " xmlns='jabber:client'"  # each message is a document of its own (RFC 7395 §3.3.3)
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.parser = xml.FramedStreamParser()
+        self.parts: list[str] = []  # of the text message being received
+        self.send_lock = trio.Lock()  # the receiver answers pings while the sender sends
+
+    async def send(self, data: bytes) -> None:
+        frame = self.ws.send(TextMessage(data=data.decode()))
+        async with self.send_lock:
+            await self.stream.send_all(frame)
+
+    async def restart(self) -> None:
+        await self.send(FRAMED_OPEN)
+
+    async def element(self) -> xml.ET.Element:  # type: ignore[name-defined]
+        while True:
+            event = self.parser.next_event()
+            if isinstance(event, xml.StanzaReceived):
+                return event.element
+            if isinstance(event, xml.StreamClosed | xml.ConnectionClosed):
+                raise EOFError("stream closed")
+            if event is xml.NEED_DATA:
+                await self._receive()
+
+    async def _receive(self) -> None:
+        data = bytes(await self.stream.receive_some(65536))
+        if not data:
+            raise EOFError("connection closed")
+        self.ws.receive_data(data)
+        for event in self.ws.events():
+            if isinstance(event, TextMessage):
+                self.parts.append(event.data)
+                if event.message_finished:
+                    self.parser.receive_message("".join(self.parts))
+                    self.parts = []
+            elif isinstance(event, Ping):
+                async with self.send_lock:
+                    await self.stream.send_all(self.ws.send(event.response()))
+            elif isinstance(event, AcceptConnection):
+                pass
+            else:
+                raise EOFError(f"WebSocket: {event}")
+
+    @classmethod
+    async def login(cls, port: int, ca: ssl.SSLContext, user: str, password: str) -> WsClient:
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        client = cls(trio.SSLStream(tcp, ca, server_hostname="localhost"))
+        request = Request(host="localhost", target="/xmpp-websocket", subprotocols=["xmpp"])
+        await client.stream.send_all(client.ws.send(request))
+        while client.ws.state is ConnectionState.CONNECTING:
+            await client._receive()
+        await client.restart()
+        await client.element()  # features (the <open/> before them is skipped)
+        await authenticate_and_bind(client, user, password)
+        return client
+
+
+async def authenticate_and_bind(client: Client | WsClient, user: str, password: str) -> None:
+    """SCRAM-SHA-256, the stream restart, bind and initial presence."""
+    nonce = base64.b64encode(os.urandom(18)).decode()
+    first_bare = f"n={user},r={nonce}"
+    token = base64.b64encode(f"n,,{first_bare}".encode()).decode()
+    await client.send(f"<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256'>{token}</auth>".encode())
+    server_first = base64.b64decode((await client.element()).text or "").decode()
+    fields = dict(item.split("=", 1) for item in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(fields["s"]), int(fields["i"])
+    )
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored = hashlib.sha256(client_key).digest()
+    without_proof = f"c=biws,r={fields['r']}"
+    auth_message = f"{first_bare},{server_first},{without_proof}".encode()
+    signature = hmac.digest(stored, auth_message, "sha256")
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature, strict=True)))
+    final = base64.b64encode(f"{without_proof},p={proof.decode()}".encode()).decode()
+    await client.send(f"<response xmlns='{SASL}'>{final}</response>".encode())
+    success = await client.element()
+    if not success.tag.endswith("success"):
+        raise PermissionError(f"login of {user} failed")
+    await client.restart()
+    await client.element()
+    await client.send(
+        f"<iq{client.ns} type='set' id='b'>".encode()
+        + b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>bench</resource></bind></iq>"
+    )
+    await client.element()
+    await client.send(f"<presence{client.ns}/>".encode())
 
 
 async def wait_ready(port: int, proc: trio.Process) -> None:
@@ -172,10 +252,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     )
     try:
         await wait_ready(args.port_base + 3, proc)
-        clients: dict[str, Client] = {}
+        clients: dict[str, Client | WsClient] = {}
 
         async def login(user: str) -> None:
-            clients[user] = await Client.login(args.port_base, ca, user, f"{user}-pw")
+            if args.ws:
+                port = args.port_base + DEV_PORT_OFFSETS["websocket"][0]
+                clients[user] = await WsClient.login(port, ca, user, f"{user}-pw")
+            else:
+                clients[user] = await Client.login(args.port_base, ca, user, f"{user}-pw")
 
         print("c2s_throughput: logging in", file=sys.stderr)
         with trio.fail_after(120):
@@ -183,6 +267,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 for user in users[: 2 * args.pairs]:
                     nursery.start_soon(login, user)
         figures = await exchange(args, clients, users[: 2 * args.pairs])
+        if args.ws:
+            figures["transport"] = "websocket"
         if args.idle:
             before = rss_kib(proc.pid)
             with trio.fail_after(300):
@@ -205,7 +291,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def exchange(
-    args: argparse.Namespace, clients: dict[str, Client], users: list[str]
+    args: argparse.Namespace, clients: dict[str, Client | WsClient], users: list[str]
 ) -> dict[str, object]:
     sent_at: dict[str, float] = {}
     latencies: list[float] = []
@@ -215,7 +301,7 @@ async def exchange(
     interval = (2 * args.pairs) / args.rate if args.rate else 0.0
 
     async def sender(me: str, peer: str, window: trio.Semaphore, phase: float) -> None:
-        stream = clients[me].stream
+        client = clients[me]
         n = 0
         # Open loop: senders are spread evenly over one interval, so the total arrival rate is
         # steady rather than every sender firing in the same instant.
@@ -230,8 +316,8 @@ async def exchange(
             mid = f"{me}-{n}"
             sent_at[mid] = time.perf_counter()
             counts["sent"] += 1
-            await stream.send_all(
-                f"<message to='{peer}@localhost' type='chat' id='{mid}'>"
+            await client.send(
+                f"<message{client.ns} to='{peer}@localhost' type='chat' id='{mid}'>"
                 f"<body>benchmark message {n} from {me}</body></message>".encode()
             )
 
@@ -286,6 +372,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--idle", type=int, default=0, help="idle connections for memory")
     parser.add_argument("--port-base", type=int, default=PORT_BASE)
+    parser.add_argument("--ws", action="store_true", help="clients over XMPP over WebSocket")
     args = parser.parse_args()
     print(json.dumps(trio.run(run, args)))
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from villaged import __version__
-from villaged.im import private, server_info, vcard
+from villaged.im import private, server_info, stream_management, vcard
+from villaged.im.blocking import Blocking
 from villaged.im.context import ImContext
 from villaged.im.features import FeatureViews
 from villaged.im.handlers import HandlerRegistry
@@ -31,6 +32,7 @@ from villaged.im.sessions import SessionRegistry
 from villaged.net.c2s import C2SContext, serve_c2s
 from villaged.net.http import Response, serve_http
 from villaged.net.tls import ALPN_XMPP_CLIENT, ServerTlsSpec, TlsConfigError, TlsContextHolder
+from villaged.net.websocket import ALPN_HTTP_1_1, WebSocketSettings, serve_websocket
 from villaged.ops.sdnotify import notify
 from villaged.storage.store import Store, StoreOptions
 
@@ -80,7 +82,7 @@ class Node:
 
 
 def build_tls(config: Config) -> TlsContextHolder:
-    specs = [_tls_spec(config, name) for name in ("c2s", "c2s_tls")]
+    specs = [_tls_spec(config, name) for name in ("c2s", "c2s_tls", "websocket")]
     try:
         return TlsContextHolder(config.tls.cert, config.tls.key, specs)
     except TlsConfigError as exc:
@@ -89,7 +91,7 @@ def build_tls(config: Config) -> TlsContextHolder:
 
 def _tls_spec(config: Config, listener: str) -> ServerTlsSpec:
     profile = config.listeners.by_name()[listener].profile(config.tls.profile)
-    alpn = (ALPN_XMPP_CLIENT,) if listener == "c2s_tls" else ()
+    alpn = {"c2s_tls": (ALPN_XMPP_CLIENT,), "websocket": (ALPN_HTTP_1_1,)}.get(listener, ())
     return ServerTlsSpec(profile=profile, alpn_protocols=alpn)
 
 
@@ -153,13 +155,16 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
     handlers = HandlerRegistry()
     im = ImContext(domain, store, sessions, handlers)
     server_info.register(handlers)
+    stream_management.register(handlers)
     vcard.register(im, views.vcards)
     private.register(im, views.private)
     roster = Roster(im, views.roster)
     roster.register()
-    messages = Messages(im, views.messages, in_roster=roster.in_roster)
-    presence = Presence(im, roster, on_available=messages.flush_offline)
-    router = Router(im, messages=messages, presence=presence)
+    blocking = Blocking(im, views.blocking)
+    messages = Messages(im, views.messages, in_roster=roster.in_roster, blocking=blocking)
+    presence = Presence(im, roster, on_available=messages.flush_offline, blocking=blocking)
+    blocking.register(on_change=presence.blocking_changed)
+    router = Router(im, messages=messages, presence=presence, blocking=blocking)
     c2s = C2SContext(
         domain=domain,
         limits=config.c2s,
@@ -168,6 +173,7 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
         handlers=handlers,
         router=router,
         unknown_user_secret=store.node_secret("sasl_unknown_user"),
+        store_unacked=partial(stream_management.store_unacked, messages),
     )
     return Node(config, store, tls, sessions, c2s, NodeStatus())
 
@@ -196,6 +202,22 @@ async def _start_listeners(node: Node, nursery: trio.Nursery) -> None:
                 nursery,
                 partial(serve_c2s, direct_tls=direct_tls),
                 node.c2s,
+                endpoint.host,
+                endpoint.port,
+                source,
+            )
+    if config.listeners.websocket.enabled:
+        settings = WebSocketSettings.from_config(config)
+        source = node.tls.source(_tls_spec(config, "websocket"))
+        for endpoint in config.listeners.websocket.bind:
+            await _listen(
+                config,
+                "websocket",
+                endpoint,
+                nursery,
+                serve_websocket,
+                node.c2s,
+                settings,
                 endpoint.host,
                 endpoint.port,
                 source,

@@ -18,6 +18,7 @@ from villaged.config.model import (
     StorageConfig,
     TlsConfig,
     TlsProfile,
+    WebSocketConfig,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "StorageConfig",
     "TlsConfig",
     "TlsProfile",
+    "WebSocketConfig",
     "check_config_files",
     "load_config",
     "read_section",

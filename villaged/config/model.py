@@ -171,12 +171,91 @@ def parse_endpoint(text: str) -> Endpoint:
     return Endpoint(host, int(port_text))
 
 
+# XMPP over WebSocket: the path served, the browser origins let in, the URL advertised.
+
+_WEBSOCKET_PATH = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]{0,254}")
+_ORIGIN = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<host>\[[^\]]*\]|[^/:\[\]]+)"
+    r"(?::(?P<port>[0-9]{1,5}|\*))?"
+)
+_WSS_URL = re.compile(
+    r"wss://(?P<host>\[[^\]]*\]|[^/:?#\[\]]+)(?::(?P<port>[0-9]{1,5}))?"
+    r"(?P<path>/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_websocket_path(text: str) -> str:
+    """An absolute URL path other than ``/.well-known/...`` (where host-meta is served)."""
+    if not _WEBSOCKET_PATH.fullmatch(text):
+        raise ValueError("an absolute path of URL characters, at most 255 long")
+    if text == "/.well-known" or text.startswith("/.well-known/"):
+        raise ValueError("/.well-known/ is reserved for host-meta")
+    return text
+
+
+def parse_origin(text: str, *, patterns: bool = True) -> str:
+    """A web origin (RFC 6454) as ``scheme://host:port``: lowercase, default port written out,
+    so that equal origins compare equal. With ``patterns`` (configuration, not a request
+    header), ``scheme://host:*`` (any port) and ``*`` (any origin) are accepted too."""
+    if patterns and text == "*":
+        return text
+    match = _ORIGIN.fullmatch(text)
+    if match is None:
+        raise ValueError('not an origin such as "https://example.org"')
+    scheme = match["scheme"].lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise ValueError("the scheme must be https or http")
+    host = _url_host(match["host"])
+    port = match["port"]
+    if port is None:
+        port = str(_DEFAULT_PORTS[scheme])
+    elif port == "*":
+        if not patterns:
+            raise ValueError("a port pattern is not an origin")
+    elif not 1 <= int(port) <= 65535:
+        raise ValueError("port must be from 1 to 65535")
+    else:
+        port = str(int(port))
+    return f"{scheme}://{host}:{port}"
+
+
+def parse_public_websocket_url(text: str) -> str:
+    """A ``wss://host[:port]/path`` URL, as clients are to be told (XEP-0156)."""
+    match = _WSS_URL.fullmatch(text)
+    if match is None:
+        raise ValueError('not a URL such as "wss://example.org:5443/xmpp-websocket"')
+    _url_host(match["host"])
+    if match["port"] is not None and not 1 <= int(match["port"]) <= 65535:
+        raise ValueError("port must be from 1 to 65535")
+    return text
+
+
+def _url_host(text: str) -> str:
+    if text.startswith("["):
+        try:
+            return f"[{ipaddress.IPv6Address(text[1:-1]).compressed}]"
+        except ValueError:
+            raise ValueError("brackets must hold an IPv6 address") from None
+    host = text.lower()
+    if not _is_host(host):
+        raise ValueError("host is neither an IP address nor a hostname")
+    return host
+
+
 # --- sections ------------------------------------------------------------------------------
 
 _DOMAIN_FORM = 'a lowercase DNS name such as "example.org", or "localhost"'
 _NODE_FORM = 'a node name of 1 to 63 characters from a-z, 0-9 and "-"'
 _BIND_FORM = 'an array of "host:port" strings, e.g. ["127.0.0.1:5222", "[::1]:5222"]'
 _ENDPOINT_FORM = '"host:port" with a port from 1 to 65535 ("[::1]:5222" for IPv6)'
+_WEBSOCKET_PATH_FORM = 'an absolute URL path such as "/xmpp-websocket"'
+_ORIGIN_FORM = (
+    'an origin such as "https://example.org", "https://example.org:8443", '
+    '"http://localhost:*" (any port) or "*" (any origin)'
+)
+_ORIGINS_FORM = f"an array of strings, each {_ORIGIN_FORM}"
+_PUBLIC_URL_FORM = 'a URL such as "wss://example.org:5443/xmpp-websocket"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +299,10 @@ class C2SConfig:
     burst_bytes: int = field(default=512 * KiB, metadata=setting(min=16 * KiB, max=1 * GiB))
     max_connections_per_ip: int = field(default=100, metadata=setting(min=1, max=1_000_000))
     send_queue: int = field(default=512, metadata=setting(min=16, max=100_000))
+    # XEP-0198: how long a dropped stream may be resumed (the most a client may ask for), and
+    # how many stanzas a client may leave unacknowledged before the stream is ended.
+    sm_resume_timeout: int = field(default=300, metadata=setting(min=1, max=86_400))
+    sm_max_unacked: int = field(default=1000, metadata=setting(min=16, max=100_000))
 
     def validate(self, name: Callable[[str], str]) -> None:
         if self.burst_bytes < self.max_stanza_bytes:
@@ -305,6 +388,30 @@ class ListenersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketConfig:
+    """``[websocket]``: XMPP over WebSocket (RFC 7395), served on ``[listeners.websocket]``.
+
+    ``allowed_origins`` absent means the site's own origins only: ``https://<domain>`` and the
+    origin of the public URL. A request without an ``Origin`` header (not a browser) is let in
+    either way: the check protects browsers' users from pages of other sites.
+    """
+
+    path: str = field(
+        default="/xmpp-websocket",
+        metadata=setting(form=_WEBSOCKET_PATH_FORM, parse=parse_websocket_path),
+    )
+    allowed_origins: tuple[str, ...] | None = field(
+        default=None,
+        metadata=setting(form=_ORIGINS_FORM, item_form=_ORIGIN_FORM, parse=parse_origin),
+    )
+    public_url: str | None = field(
+        default=None, metadata=setting(form=_PUBLIC_URL_FORM, parse=parse_public_websocket_url)
+    )
+    ping_interval: int = field(default=30, metadata=setting(min=1, max=3600))
+    ping_timeout: int = field(default=15, metadata=setting(min=1, max=600))
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """``[log]``: how much the daemon says."""
 
@@ -320,5 +427,6 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     listeners: ListenersConfig = field(default_factory=ListenersConfig)
     c2s: C2SConfig = field(default_factory=C2SConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path = field(default=Path("villaged.toml"), metadata=not_a_key())

@@ -135,6 +135,8 @@ def dev_config_text(domain: str, port_base: int) -> str:
         f'\n# {purpose}\n[listeners.{name}]\nbind = ["127.0.0.1:{port_base + offset}"]\n'
         for name, (offset, purpose) in DEV_PORT_OFFSETS.items()
     )
+    origins = ", ".join(f'"{origin}"' for origin in dev_websocket_origins(domain))
+    websocket_url = f"wss://{domain}:{port_base + DEV_PORT_OFFSETS['websocket'][0]}/xmpp-websocket"
     return f"""\
 # villaged development configuration, written by `villaged init --dev`.
 # One node, every listener on loopback; relative paths start at this file's directory.
@@ -154,6 +156,20 @@ cert = "{CERT_NAME}"
 key = "{KEY_NAME}"
 profile = "intermediate"
 {listeners}
+[websocket]
+# XMPP over WebSocket: {websocket_url}
+# Web clients served from this machine (on any port: a web client's dev server) may connect.
+# A production config leaves allowed_origins out, which admits https://<domain> and the
+# public URL's own origin only.
+allowed_origins = [{origins}]
+
 [log]
 level = "debug"
 """
+
+
+def dev_websocket_origins(domain: str) -> list[str]:
+    """The web origins a development node lets open a WebSocket: loopback pages (and pages of
+    the dev domain), http or https, any port."""
+    hosts = dict.fromkeys((domain, "localhost", "127.0.0.1"))
+    return [f"{scheme}://{host}:*" for host in hosts for scheme in ("https", "http")]
