@@ -39,6 +39,7 @@ from villaged.xmpp.jid import JID
 from villaged.xmpp.xml import XmlLimits
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Awaitable, Callable, Mapping
 
     from villaged.config import C2SConfig
@@ -107,6 +108,45 @@ class C2SContext:
     # wires im.stream_management.store_unacked), and the resumable streams by their id.
     store_unacked: Callable[[JID, list[ET.Element]], Awaitable[int]] | None = None
     resumable: dict[str, C2SConnection] = field(default_factory=dict)
+
+    # ----- per-address limits, shared by the c2s and WebSocket listeners -------------------
+
+    def take_connection_slot(self, peer: str) -> bool:
+        """Count a connection from ``peer``; False (and nothing counted) at the cap."""
+        count = self.connections_per_ip.get(peer, 0)
+        if count >= self.limits.max_connections_per_ip:
+            return False
+        self.connections_per_ip[peer] = count + 1
+        return True
+
+    def release_connection_slot(self, peer: str) -> None:
+        remaining = self.connections_per_ip[peer] - 1
+        if remaining:
+            self.connections_per_ip[peer] = remaining
+        else:
+            del self.connections_per_ip[peer]
+
+    async def tls_handshake(
+        self, tcp: trio.SocketStream, context: ssl.SSLContext, peer: str
+    ) -> trio.SSLStream[trio.SocketStream]:
+        """A server-side TLS handshake on ``tcp`` once ``peer`` has a turn (at most
+        `HANDSHAKES_PER_IP` at once per address); waiting and handshaking together are bounded
+        by ``handshake_timeout``. Raises TooSlowError or BrokenResourceError."""
+        turns = self.handshakes_per_ip
+        limiter = turns.get(peer)
+        if limiter is None:
+            limiter = turns[peer] = trio.CapacityLimiter(HANDSHAKES_PER_IP)
+        try:
+            with trio.fail_after(self.limits.handshake_timeout):
+                async with limiter:
+                    ssl_stream = trio.SSLStream(tcp, context, server_side=True)
+                    await ssl_stream.do_handshake()
+        finally:
+            statistics = limiter.statistics()
+            idle = not statistics.borrowed_tokens and not statistics.tasks_waiting
+            if idle and turns.get(peer) is limiter:
+                del turns[peer]
+        return ssl_stream
 
     def stream_settings(self) -> core.StreamSettings:
         return core.StreamSettings(
@@ -216,14 +256,12 @@ class C2SConnection:
     # ----- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        count = self.ctx.connections_per_ip.get(self.peer, 0)
-        if count >= self.ctx.limits.max_connections_per_ip:
+        if not self.ctx.take_connection_slot(self.peer):
             _security("too many connections from one address", "c2s.too_many_connections", self)
             with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
                 await self.tcp.aclose()
             return
-        self.ctx.connections_per_ip[self.peer] = count + 1
         try:
             with self._scope:
                 if self.direct_tls and self.framed is None and not await self._start_tls():
@@ -259,11 +297,7 @@ class C2SConnection:
             with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
                 await self._finish()
-            remaining = self.ctx.connections_per_ip[self.peer] - 1
-            if remaining:
-                self.ctx.connections_per_ip[self.peer] = remaining
-            else:
-                del self.ctx.connections_per_ip[self.peer]
+            self.ctx.release_connection_slot(self.peer)
             if self._resumable_now():
                 await self._wait_for_resumption()  # no socket held meanwhile
             if not self._taken_over:
@@ -608,27 +642,13 @@ class C2SConnection:
         log.info("bound", extra={"event": "c2s.bound", "jid": str(full), "peer": self.peer})
 
     async def _start_tls(self) -> bool:
-        turns = self.ctx.handshakes_per_ip
-        limiter = turns.get(self.peer)
-        if limiter is None:
-            limiter = turns[self.peer] = trio.CapacityLimiter(HANDSHAKES_PER_IP)
         try:
-            # Waiting for a turn counts against the handshake timeout.
-            with trio.fail_after(self.ctx.limits.handshake_timeout):
-                async with limiter:
-                    ssl_stream = trio.SSLStream(self.tcp, self.tls.context, server_side=True)
-                    await ssl_stream.do_handshake()
+            self.transport = await self.ctx.tls_handshake(self.tcp, self.tls.context, self.peer)
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else "failed"
             _security(f"TLS handshake {reason}", "c2s.tls_failed", self)
             self.stream.phase = core.Phase.CLOSED  # nothing more may be sent in the clear
             return False
-        finally:
-            statistics = limiter.statistics()
-            idle = not statistics.borrowed_tokens and not statistics.tasks_waiting
-            if idle and turns.get(self.peer) is limiter:
-                del turns[self.peer]
-        self.transport = ssl_stream
         return True
 
     async def _ping(self) -> None:

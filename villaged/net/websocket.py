@@ -63,7 +63,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from villaged.config.model import parse_origin
-from villaged.net.c2s import HANDSHAKES_PER_IP, C2SConnection, TokenBucket
+from villaged.net.c2s import C2SConnection, TokenBucket
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -683,46 +683,23 @@ class WebSocketConnection:
     # ----- per-address accounting (shared with c2s) ----------------------------------------
 
     def _take_slot(self) -> bool:
-        count = self.ctx.connections_per_ip.get(self.peer, 0)
-        if count >= self.ctx.limits.max_connections_per_ip:
-            return False
-        self.ctx.connections_per_ip[self.peer] = count + 1
-        self._holds_slot = True
-        return True
+        self._holds_slot = self.ctx.take_connection_slot(self.peer)
+        return self._holds_slot
 
     def _release_slot(self) -> None:
-        if not self._holds_slot:
-            return
-        self._holds_slot = False
-        remaining = self.ctx.connections_per_ip[self.peer] - 1
-        if remaining:
-            self.ctx.connections_per_ip[self.peer] = remaining
-        else:
-            del self.ctx.connections_per_ip[self.peer]
+        if self._holds_slot:
+            self._holds_slot = False
+            self.ctx.release_connection_slot(self.peer)
 
     async def _tls_handshake(self) -> trio.SSLStream[trio.SocketStream] | None:
-        turns = self.ctx.handshakes_per_ip
-        limiter = turns.get(self.peer)
-        if limiter is None:
-            limiter = turns[self.peer] = trio.CapacityLimiter(HANDSHAKES_PER_IP)
+        # Not https_compatible: we do send close_notify. A browser that leaves without one
+        # (most do) makes reads fail, which counts as its EOF.
         try:
-            # Waiting for a turn counts against the handshake timeout.
-            with trio.fail_after(self.ctx.limits.handshake_timeout):
-                async with limiter:
-                    # Not https_compatible: we do send close_notify. A browser that leaves
-                    # without one (most do) makes reads fail, which counts as its EOF.
-                    ssl_stream = trio.SSLStream(self.tcp, self.tls.context, server_side=True)
-                    await ssl_stream.do_handshake()
+            return await self.ctx.tls_handshake(self.tcp, self.tls.context, self.peer)
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason = "timed out" if isinstance(exc, trio.TooSlowError) else "failed"
             self._refused(f"TLS handshake {reason}", "websocket.tls_failed")
             return None
-        finally:
-            statistics = limiter.statistics()
-            idle = not statistics.borrowed_tokens and not statistics.tasks_waiting
-            if idle and turns.get(self.peer) is limiter:
-                del turns[self.peer]
-        return ssl_stream
 
     # ----- HTTP ------------------------------------------------------------------------------
 
