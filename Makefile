@@ -45,6 +45,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/xml_parse.py
 	$(BIN)/python bench/c2s_throughput.py --pairs 50 --seconds 10
 	$(BIN)/python bench/c2s_throughput.py --pairs 50 --rate 500 --seconds 10 --idle 2000
+	$(BIN)/python bench/c2s_throughput.py --pairs 50 --seconds 10 --ws
+	$(BIN)/python bench/c2s_throughput.py --pairs 50 --rate 500 --seconds 10 --ws
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .coverage build *.egg-info

@@ -34,6 +34,7 @@ class RawClient:
         self.ca_file = ca_file
         self.parser = xml.StreamParser()
         self.closed = False
+        self.features: ET.Element | None = None  # the last stream features (after login)
 
     @classmethod
     async def connect(cls, port: int, ca_file: Path, *, direct_tls: bool = False) -> RawClient:
@@ -122,7 +123,7 @@ class RawClient:
             raise PermissionError(result[0].tag.split("}")[1] if len(result) else "failure")
         self.parser = xml.StreamParser()
         await self.send(header())
-        await self.element()  # features: bind
+        self.features = await self.element()  # bind, and what else is offered once bound
         if not bind:
             return ""
         await self.send(

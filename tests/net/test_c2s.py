@@ -133,6 +133,9 @@ async def test_server_answers_ping_disco_version_and_bounces_unknown_users(
         "urn:xmpp:ping",
         "jabber:iq:version",
         "http://jabber.org/protocol/disco#info",
+        "urn:xmpp:sm:3",
+        "urn:xmpp:csi:0",
+        "urn:xmpp:blocking",
     } <= features
     await alice.send(
         b"<iq type='get' id='v1' to='localhost'><query xmlns='jabber:iq:version'/></iq>"

@@ -105,6 +105,14 @@ async def test_a_dropped_stream_resumes_with_the_unacked_in_order_exactly_once(
     assert failed[0].tag.endswith("item-not-found")
 
 
+async def test_sm_and_csi_are_offered_once_authenticated(harness: Harness) -> None:
+    client = await harness.client()
+    await client.login("alice", "alice-password", bind=False)
+    assert client.features is not None
+    assert client.features.find(f"{{{SM}}}sm") is not None
+    assert client.features.find("{urn:xmpp:csi:0}csi") is not None
+
+
 async def test_another_user_cannot_resume_a_stream(harness: Harness) -> None:
     alice, sm_id = await with_sm(harness, "alice")
     await alice.tcp.aclose()
