@@ -160,3 +160,25 @@ async def test_an_inactive_client_gets_messages_at_once_and_presence_on_active(
     presence = await bob.element()
     assert presence.tag == "{jabber:client}presence"
     assert presence.findtext("{jabber:client}status") == "away for lunch"
+
+
+async def test_a_login_with_the_same_resource_ends_a_detached_session_keeping_its_messages(
+    harness: Harness,
+) -> None:
+    alice, _ = await with_sm(harness, "alice")
+    bob = await harness.logged_in("bob")
+    await chat_to(bob, "alice@localhost", "kept")
+    await messages(alice, 1)
+    await alice.tcp.aclose()  # detached, "kept" unacknowledged
+    await trio.sleep(0.2)
+    again = await harness.logged_in("alice")  # binds the same resource instead of resuming
+    assert bodies(await messages(again, 1)) == ["kept"]
+
+
+async def test_a_second_login_with_the_same_resource_replaces_the_first(harness: Harness) -> None:
+    first = await harness.logged_in("alice")
+    second = await harness.logged_in("alice")
+    assert await first.stream_error() == "conflict"
+    bob = await harness.logged_in("bob")
+    await chat_to(bob, "alice@localhost/r", "to the newer one")
+    assert bodies(await messages(second, 1)) == ["to the newer one"]

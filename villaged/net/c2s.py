@@ -407,7 +407,10 @@ class C2SConnection:
                         "unacknowledged messages not queued offline (the archive has them)",
                         extra={"event": "sm.unacked_failed", "error": str(exc)},
                     )
-        await self.ctx.router.session_ended(session)
+        if self.ctx.sessions.get(session.jid) is None:
+            # (A newer login with the same resource took over the full JID: its own presence
+            # stands, so no "unavailable" for that JID goes out now.)
+            await self.ctx.router.session_ended(session)
 
     def _enable_sm(self, event: core.SmEnableRequested) -> None:
         limit = self.ctx.limits.sm_resume_timeout
