@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING
 import h11
 import pytest
 import trio
-from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    InvalidStatus,
+)
 from websockets.trio.client import ClientConnection, connect
 from websockets.typing import Origin, Subprotocol
 from wsproto import ConnectionType, WSConnection
@@ -41,6 +46,7 @@ from villaged.app import Node, _shut_down, run_node
 from villaged.config import load_config
 from villaged.net.c2s import TokenBucket
 from villaged.net.websocket import (
+    MAX_FRAGMENTS,
     NEED_DATA,
     HttpAnswer,
     MessageFraming,
@@ -55,6 +61,7 @@ from villaged.net.websocket import (
 )
 from villaged.ops.provision import init_dev
 from villaged.storage.store import StoreOptions, open_store
+from villaged.xmpp.jid import JID
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -66,6 +73,7 @@ CLOSE = f"<close xmlns='{FRAMING}'/>"
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 STREAMS = "http://etherx.jabber.org/streams"
 XRD = "http://docs.oasis-open.org/ns/xri/xrd-1.0"
+CAROL = JID("carol", "localhost")
 ALT_WEBSOCKET = "urn:xmpp:alt-connections:websocket"
 TRICKY = "héllo ✓ <&>'\""
 
@@ -308,8 +316,10 @@ async def test_shutdown_ends_websocket_streams_with_system_shutdown(harness: Har
                 break
         assert got[0].tag == "{urn:ietf:params:xml:ns:xmpp-streams}system-shutdown"
         assert (await alice.element()).tag == f"{{{FRAMING}}}close"
-        with pytest.raises(ConnectionClosedOK):
+        with pytest.raises(ConnectionClosedOK) as closed:
             await alice.element()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1001  # RFC 6455: the server is going away
     assert len(harness.node.sessions) == 0
 
 
@@ -394,6 +404,29 @@ async def test_frame_refusals_close_the_websocket_with_their_code(
         assert closed.value.rcvd.code == code
         assert event in security_events(caplog)
         await still_chatting(alice, bob, "after carol was cut off")
+
+
+async def test_a_stream_ended_by_a_refusal_or_a_stream_error_is_not_resumable(
+    harness: Harness,
+) -> None:
+    sm = "urn:xmpp:sm:3"
+    for misbehaviour in ("binary frame", "malformed xml"):
+        async with harness.xmpp("carol") as carol:
+            await carol.send(f"<enable xmlns='{sm}' resume='true'/>")
+            for _ in range(20):
+                if (enabled := await carol.element()).tag == f"{{{sm}}}enabled":
+                    break
+            sm_id = enabled.get("id", "")
+            assert sm_id in harness.node.c2s.resumable
+            if misbehaviour == "binary frame":
+                await carol.ws.send(b"<presence xmlns='jabber:client'/>")
+            else:
+                await carol.send("<message xmlns='jabber:client'><body>unclosed")
+            with pytest.raises(ConnectionClosed):  # noqa: PT012
+                for _ in range(20):  # a stream error may come first
+                    await carol.element()
+            await wait_for(partial(lambda i: i not in harness.node.c2s.resumable, sm_id))
+            await wait_for(partial(lambda: not harness.node.sessions.of_user(CAROL)))
 
 
 async def test_server_pings_and_drops_a_client_that_does_not_answer(
@@ -682,6 +715,17 @@ def test_framing_assembles_fragments_and_counts_utf8_bytes() -> None:
         PeerClosed(1009, "message too big (limit 12 bytes)")
     ]
     assert not pair.framing.awaiting_close
+
+
+def test_framing_bounds_the_fragments_of_one_message() -> None:
+    pair = FramingPair.make(max_message_bytes=100_000)
+    fragments = [TextMessage(data="", message_finished=False)] * MAX_FRAGMENTS
+    got = pair.client_sends(*fragments, TextMessage(data="", message_finished=False))
+    reason = f"more than {MAX_FRAGMENTS} fragments in one message"
+    assert got == [Refused(1008, reason, "websocket.too_many_fragments")]
+    pair = FramingPair.make()
+    got = pair.client_sends(*fragments[:-1], TextMessage(data="<a/>"))
+    assert got == [MessageReceived(b"<a/>")]  # up to the bound is fine
 
 
 def test_framing_answers_only_the_latest_ping_and_matches_its_own() -> None:

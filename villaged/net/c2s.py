@@ -183,6 +183,11 @@ async def serve_c2s(
     await trio.serve_listeners(handler, listeners, task_status=task_status)
 
 
+class TransportRefusedError(trio.BrokenResourceError):
+    """A `MessageTransport` refused what the peer sent (a bad frame, an oversized message)
+    and has closed: the stream ends as a policy violation, and is not resumable."""
+
+
 class MessageTransport(Protocol):
     """A transport that carries whole elements as messages: XMPP over WebSocket (RFC 7395),
     already inside TLS. Failures raise ``trio.BrokenResourceError`` like a trio stream."""
@@ -195,7 +200,9 @@ class MessageTransport(Protocol):
         """Send each item as one message, in order."""
         ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self, condition: str | None = None) -> None:
+        """Close; ``condition`` is the stream error the stream ended with, if any."""
+        ...
 
 
 class C2SConnection:
@@ -246,6 +253,9 @@ class C2SConnection:
         self._taken_over = False
         self._detached: trio.Event | None = None
         self._peer_closed = False
+        # The stream error the stream itself ended with (bad XML, a refused frame): such a
+        # stream is over for good, never resumable.
+        self._failed: str | None = None
         # Client state indication: while inactive, stanzas that can wait are held here.
         self._inactive = False
         self._held: list[ET.Element] = []
@@ -318,8 +328,7 @@ class C2SConnection:
         """Write what is left and close the transport; the session itself ends in
         `_end_session` (unless it waits for resumption first)."""
         if self._taken_over:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await (self.framed or self.transport).aclose()
+            await self._close_transport(None)
             return
         # Replies already queued for this client (e.g. errors for its last messages) go out
         # before the stream ends.
@@ -336,11 +345,19 @@ class C2SConnection:
             )
         else:
             self.stream.close()
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._flush()
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await (self.framed or self.transport).aclose()
+        try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._flush()
+        finally:  # even when the flush is cut short: no socket outlives the stream
+            await self._close_transport(self._terminate[0] if self._terminate else self._failed)
         log.debug("closed", extra={"event": "c2s.closed", "peer": self.peer})
+
+    async def _close_transport(self, condition: str | None) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            if self.framed is not None:
+                await self.framed.aclose(condition)
+            else:
+                await self.transport.aclose()
 
     # ----- stream management (XEP-0198) ---------------------------------------------------
 
@@ -354,6 +371,7 @@ class C2SConnection:
             and self.session is not None
             and not self._taken_over
             and not self._peer_closed
+            and self._failed is None
             and (self._terminate is None or self._terminate[0] == "connection-timeout")
         )
 
@@ -480,6 +498,9 @@ class C2SConnection:
             with trio.move_on_at(wake):
                 try:
                     data = await self._receive()
+                except TransportRefusedError:
+                    self._failed = "policy-violation"
+                    return
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
             if data is None and trio.current_time() < deadline:
@@ -579,6 +600,7 @@ class C2SConnection:
                 self._bind(event.resource)
             elif isinstance(event, core.StreamEnded):
                 self._peer_closed = event.by_peer
+                self._failed = event.condition
                 if event.condition is not None:
                     log.info(
                         "stream error",

@@ -63,7 +63,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from villaged.config.model import parse_origin
-from villaged.net.c2s import C2SConnection, TokenBucket
+from villaged.net.c2s import C2SConnection, TokenBucket, TransportRefusedError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -86,6 +86,9 @@ MAX_REQUEST_BYTES: Final = 16 * 1024
 #: Requests one connection may make before the upgrade (host-meta, then the WebSocket).
 MAX_REQUESTS_PER_CONNECTION: Final = 8
 READ_CHUNK: Final = 16 * 1024
+#: Fragments one message may arrive in: enough for any client, few enough that empty
+#: continuation frames cannot keep a connection busy for nothing.
+MAX_FRAGMENTS: Final = 1024
 #: After our close frame, how long the peer has to answer with its own before TCP closes.
 CLOSE_HANDSHAKE_S: Final = 1.0
 CLOSE_TIMEOUT_S: Final = 2.0
@@ -329,8 +332,10 @@ class MessageFraming:
         self._max_message_bytes = max_message_bytes
         self._overhead = overhead
         self._events: list[FramingEvent] = []
-        self._parts: list[bytes] = []  # the text message being assembled
-        self._size = 0
+        # The text message being assembled: one buffer, so its memory is its payload (a
+        # list of fragments cost ~40 bytes per 1-byte fragment), and a fragment count.
+        self._parts = bytearray()
+        self._fragments = 0
         self._pong = b""  # only the answer to the latest ping is kept
         self._control = bytearray()  # close frames
         self._ping_payload: bytes | None = None
@@ -422,19 +427,26 @@ class MessageFraming:
             return  # what arrives after a close frame is not read
         chunk = event.data.encode("utf-8")
         self._delivered += len(chunk)
-        self._size += len(chunk)
-        if self._size > self._max_message_bytes:
+        if len(self._parts) + len(chunk) > self._max_message_bytes:
             self._refuse(
                 CloseReason.MESSAGE_TOO_BIG,
                 f"message too big (limit {self._max_message_bytes} bytes)",
                 "websocket.message_too_big",
             )
             return
-        self._parts.append(chunk)
+        self._fragments += 1
+        if self._fragments > MAX_FRAGMENTS:
+            self._refuse(
+                CloseReason.POLICY_VIOLATION,
+                f"more than {MAX_FRAGMENTS} fragments in one message",
+                "websocket.too_many_fragments",
+            )
+            return
+        self._parts += chunk
         if event.message_finished:
-            message = b"".join(self._parts)
-            self._parts = []
-            self._size = 0
+            message = bytes(self._parts)
+            self._parts.clear()
+            self._fragments = 0
             if message:  # an empty message carries nothing (and b"" means "closed" upstream)
                 self._events.append(MessageReceived(message))
 
@@ -451,7 +463,7 @@ class MessageFraming:
             self._refuse(code, event.reason or "protocol error", "websocket.protocol_error")
             return
         self._closing = True
-        self._parts = []
+        self._parts.clear()
         if state is ConnectionState.REMOTE_CLOSING:
             self._control += self._ws.send(event.response())  # RFC 6455 §5.5.1: echo it
         elif state is ConnectionState.LOCAL_CLOSING:
@@ -461,13 +473,18 @@ class MessageFraming:
     def _refuse(self, code: int, reason: str, event: str) -> None:
         if self._closing:
             return
-        self._parts = []
+        self._parts.clear()
         self.close(code, reason)
         self._closing = True
         self._events.append(Refused(int(code), reason, event))
 
 
 # ----- the transport (trio) ---------------------------------------------------------------
+
+_CLOSE_CODES: Final = {
+    "system-shutdown": CloseReason.GOING_AWAY,
+    "policy-violation": CloseReason.POLICY_VIOLATION,
+}
 
 
 class WebSocketTransport:
@@ -516,7 +533,7 @@ class WebSocketTransport:
                         "peer": self._peer,
                     },
                 )
-                raise trio.BrokenResourceError(event.reason)
+                raise TransportRefusedError(event.reason)
             try:
                 data = bytes(await self._stream.receive_some(READ_CHUNK))
             except trio.BrokenResourceError:
@@ -576,9 +593,10 @@ class WebSocketTransport:
         log.info(reason, extra={"event": event, "peer": self._peer})
         on_silent()
 
-    async def aclose(self) -> None:
-        """Close frame 1000 (unless a close already went), a bounded wait for the peer's,
-        then TCP. Idempotent."""
+    async def aclose(self, condition: str | None = None) -> None:
+        """A close frame (unless one already went) whose code says why: 1000, or for the
+        stream error ``condition`` 1001 (``system-shutdown``, RFC 6455 "going away") or 1008
+        (``policy-violation``); a bounded wait for the peer's; then TCP. Idempotent."""
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
@@ -590,7 +608,7 @@ class WebSocketTransport:
                 trio.move_on_after(CLOSE_HANDSHAKE_S),
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
             ):
-                framing.close()
+                framing.close(_CLOSE_CODES.get(condition or "", CloseReason.NORMAL_CLOSURE))
                 async with self._send_lock:
                     data = framing.data_to_send()
                     if data:
@@ -736,7 +754,10 @@ class WebSocketConnection:
             answer = answer_request(request, self.settings)
             if isinstance(answer, UpgradeAccepted):
                 with trio.move_on_after(timeout) as scope:
-                    await stream.send_all(answer.response)
+                    try:
+                        await stream.send_all(answer.response)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return None  # the client went away before its 101
                 if scope.cancelled_caught:
                     return None
                 trailing, _ = conn.trailing_data
