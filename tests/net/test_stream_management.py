@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from tests.net import test_c2s
+from villaged.app import _shut_down
 
 if TYPE_CHECKING:
     from tests.net.rawclient import RawClient
@@ -96,7 +97,8 @@ async def test_a_dropped_stream_resumes_with_the_unacked_in_order_exactly_once(
     # Nothing more (no duplicate), and the session works as before.
     await chat_to(bob, "alice@localhost", "six")
     assert bodies(await messages(again, 1)) == ["six"]
-    # The old id is gone with the old stream: resuming it twice fails.
+    # An unknown id fails; the resumed one now belongs to the new stream (resuming it again
+    # takes it over from there, as a client whose connection broke a second time would).
     third = await harness.client()
     await third.login("alice", "alice-password", bind=False)
     await third.send(f"<resume xmlns='{SM}' previd='nope' h='0'/>".encode())
@@ -182,3 +184,63 @@ async def test_a_second_login_with_the_same_resource_replaces_the_first(harness:
     bob = await harness.logged_in("bob")
     await chat_to(bob, "alice@localhost/r", "to the newer one")
     assert bodies(await messages(second, 1)) == ["to the newer one"]
+
+
+async def test_what_precedes_enable_is_not_counted_and_rejected_stanzas_are(
+    harness: Harness,
+) -> None:
+    alice = await harness.logged_in("alice")
+    await harness.logged_in("bob")
+    await chat_to(alice, "bob@localhost", "a", "b", "c")
+    await alice.send(f"<enable xmlns='{SM}'/><r xmlns='{SM}'/>".encode())
+    assert (await alice.element()).tag == f"{{{SM}}}enabled"
+    assert (await alice.element()).get("h") == "0"
+    await alice.send(b"<message to='a@@b' id='bad'><body>x</body></message>")
+    await alice.send(f"<r xmlns='{SM}'/>".encode())
+    error = await alice.element()
+    assert (error.get("id"), error.get("type")) == ("bad", "error")
+    assert (await alice.element()).get("h") == "1"
+
+
+async def test_resuming_a_live_stream_counts_what_it_had_in_flight(harness: Harness) -> None:
+    alice, sm_id = await with_sm(harness, "alice")
+    bob = await harness.logged_in("bob")
+    await chat_to(alice, "bob@localhost", "x1", "x2", "x3")  # and at once, from elsewhere:
+    again = await harness.client()
+    await again.login("alice", "alice-password", bind=False)
+    await again.send(f"<resume xmlns='{SM}' previd='{sm_id}' h='0'/>".encode())
+    resumed = await again.element()
+    assert resumed.tag == f"{{{SM}}}resumed"
+    assert resumed.get("h") == "3"  # all three were durable before the old stream let go
+    assert bodies(await messages(bob, 3)) == ["x1", "x2", "x3"]
+
+
+async def test_a_cleanly_closed_stream_cannot_be_resumed(harness: Harness) -> None:
+    alice, sm_id = await with_sm(harness, "alice")
+    await alice.send(b"</stream:stream>")
+    assert await alice.next() is None
+    again = await harness.client()
+    await again.login("alice", "alice-password", bind=False)
+    await again.send(f"<resume xmlns='{SM}' previd='{sm_id}' h='0'/>".encode())
+    failed = await again.element()
+    assert failed.tag == f"{{{SM}}}failed"
+    assert failed[0].tag.endswith("item-not-found")
+
+
+async def test_shutdown_puts_a_detached_sessions_unacked_messages_offline(
+    harness: Harness,
+) -> None:
+    alice, _ = await with_sm(harness, "alice")
+    bob = await harness.logged_in("bob")
+    await chat_to(bob, "alice@localhost/r", "keep me")
+    await messages(alice, 1)
+    await alice.tcp.aclose()  # detached, unacknowledged
+    await trio.sleep(0.2)
+    with trio.fail_after(10):
+        await _shut_down(harness.node)
+    view = harness.node.store.state.view("messages")
+    with trio.fail_after(5):  # the session is gone at once; its messages are being stored
+        while view.offline.count("alice@localhost") < 1:  # type: ignore[attr-defined]  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    assert not harness.node.c2s.resumable
+    assert len(harness.node.sessions) == 0

@@ -29,6 +29,7 @@ from villaged.xmpp.c2s import (
     SmResumeRequested,
     SmState,
     StanzaReceived,
+    StanzaRejected,
     StartTls,
     StreamEnded,
     StreamSettings,
@@ -384,12 +385,13 @@ def test_malformed_to_gets_jid_malformed_and_is_dropped() -> None:
     client = Client()
     client.ready()
     events = client.send(b"<message to='a@b@c' id='m2'><body>x</body></message>")
-    assert events == []
+    assert events == [StanzaRejected()]  # handled here: stream management counts it
     reply = client.take()[-1]
     assert reply.get("type") == "error"
     assert reply.get("id") == "m2"
     assert reply.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}jid-malformed") is not None
-    assert client.send(b"<message to='a@b@c' type='error'/>") == []  # errors are not answered
+    assert client.send(b"<message to='a@b@c' type='error'/>") == [StanzaRejected()]
+    assert client.take() == []  # errors are not answered
 
 
 def test_shutdown_and_eof() -> None:
@@ -663,3 +665,29 @@ def test_client_state_indication_events() -> None:
     client.ready()
     assert client.send(b"<inactive xmlns='urn:xmpp:csi:0'/>") == [ClientStateChanged(False)]
     assert client.send(b"<active xmlns='urn:xmpp:csi:0'/>") == [ClientStateChanged(True)]
+
+
+def test_a_stale_ack_is_ignored_and_one_request_is_outstanding_at_a_time() -> None:
+    client = Client()
+    client.ready()
+    client.send(f"<enable xmlns='{SM}'/>".encode())
+    state = client.server.enable_sm("s", resume=False, max_s=0)
+    for n in range(3 * SM_REQUEST_EVERY):
+        client.server.send_stanza(chat(f"m{n}"))
+    client._read()
+    assert [e.tag for e in client.take()].count(f"{{{SM}}}r") == 1  # none while one is out
+    assert client.send(f"<a xmlns='{SM}' h='4'/>".encode()) == []
+    assert client.send(f"<a xmlns='{SM}' h='2'/>".encode()) == []  # older: acknowledges nothing
+    assert len(state.unacked) == 3 * SM_REQUEST_EVERY - 4
+    assert not state.request_pending
+    client.server.send_stanza(chat("next"))
+    client._read()
+    assert client.take()[-1].tag == f"{{{SM}}}r"  # the next one may go
+
+
+def test_an_ack_without_stream_management_is_an_error() -> None:
+    client = Client()
+    client.ready()
+    assert client.send(f"<a xmlns='{SM}' h='0'/>".encode()) == [
+        StreamEnded(condition="unsupported-stanza-type", text="stream management is not enabled")
+    ]

@@ -5,10 +5,13 @@ unacknowledged stanzas while it may still be resumed. When it ends for good — 
 window ran out, the node is shutting down, or the client closed without acknowledging — RFC
 6121's rules for a session that is gone apply to them (XEP-0198 §5): `store_unacked` puts the
 chat and normal messages with content into the user's offline queue (one durable ``message``
-record each, queued only, since the archive already holds them), and they are delivered on
-the user's next initial presence — at once if another resource is available now. Everything
-else (presence, iq results, chat states) is dropped, as it would have been for a session that
-ended.
+record each, queued only: the archive, if it keeps them, has them already), and they are
+delivered on the user's next initial presence — at once if another resource is available now.
+A message to the bare JID is not queued while another resource is available: RFC 6121 gave
+it to every available resource, so they have it. The driver answers iq requests with
+``service-unavailable``; everything else (presence, chat states) is dropped, as it would
+have been for a session that ended. A message that came from offline storage keeps the time
+it first arrived.
 
 Never lost, never duplicated by the server: each message keeps the XEP-0359 stanza-id its
 archive gave it, so a client that did receive it before the connection broke recognises the
@@ -23,7 +26,7 @@ import time
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING, Final
 
-from villaged.im.mam import NS_DELAY, pack_payload
+from villaged.im.mam import NS_DELAY, pack_payload, parse_stamp
 from villaged.im.messages import MESSAGE_RECORD
 from villaged.im.offline import storable
 from villaged.storage.errors import RecordTooLargeError
@@ -56,6 +59,13 @@ async def store_unacked(messages: Messages, owner: JID, stanzas: list[ET.Element
     user = str(owner.bare)
     domain = messages.ctx.domain
     offline = messages.offline
+    # The user's other available resources (a new login on the same resource replaced this
+    # session and had none of its stanzas).
+    others = [
+        s
+        for s in messages.ctx.sessions.of_user(owner.bare)
+        if s.available and s.priority >= 0 and s.jid != owner
+    ]
     commits: list[PendingCommit] = []
     reserved = 0
     try:
@@ -67,8 +77,12 @@ async def store_unacked(messages: Messages, owner: JID, stanzas: list[ET.Element
                 continue
             if not storable(stanza):
                 continue
+            if others and "/" not in stanza.get("to", "/"):
+                continue  # to the bare JID: the user's other resources got it already
+            stamp = _now_micros()
             for delay in stanza.findall(f"{{{NS_DELAY}}}delay"):
-                if delay.get("from") == domain:
+                if delay.get("from") == domain:  # it came from offline storage once before:
+                    stamp = _stamp(delay.get("stamp", ""), stamp)  # keep when it arrived
                     stanza.remove(delay)
             if not offline.try_reserve(user):
                 log.warning(
@@ -81,7 +95,7 @@ async def store_unacked(messages: Messages, owner: JID, stanzas: list[ET.Element
             body = await store.sealed_body(
                 MESSAGE_RECORD, user, pack_payload(_correspondent(stanza), stanza)
             )
-            body["t"] = _now_micros()
+            body["t"] = stamp
             body["o"] = True  # queued only: the archive has had it since it arrived
             try:
                 commits.append(await store.submit(Record(MESSAGE_RECORD, {"e": [body]})))
@@ -100,7 +114,7 @@ async def store_unacked(messages: Messages, owner: JID, stanzas: list[ET.Element
         available = [
             s for s in messages.ctx.sessions.of_user(owner.bare) if s.available and s.priority >= 0
         ]
-        if available:
+        if available:  # another resource (or a new login on this one) takes them now
             await messages.flush_offline(max(available, key=lambda s: s.priority))
     return len(commits)
 
@@ -110,6 +124,13 @@ def _correspondent(stanza: ET.Element) -> str:
         return str(JID.parse(stanza.get("from", "")))
     except JIDError:
         return ""
+
+
+def _stamp(text: str, default: int) -> int:
+    try:
+        return parse_stamp(text)
+    except ValueError:
+        return default
 
 
 def _now_micros() -> int:

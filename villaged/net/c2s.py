@@ -26,16 +26,19 @@ import contextlib
 import itertools
 import logging
 import os
+import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
+from villaged.im.mam import has_im_content
 from villaged.im.sessions import Session
 from villaged.storage.errors import StorageError
 from villaged.xmpp import c2s as core
 from villaged.xmpp.jid import JID
+from villaged.xmpp.stanza import error_reply
 from villaged.xmpp.xml import XmlLimits
 
 if TYPE_CHECKING:
@@ -67,6 +70,8 @@ WRITE_TIMEOUT_S: Final = 30.0
 #: A client that has sent nothing for this long releases its XML parser until it speaks again
 #: (~12 KiB each: most of what an idle connection costs beyond its TLS state).
 COMPACT_AFTER_S: Final = 5.0
+#: Finishing the messages a client sent before its stream ended may take this long.
+SETTLE_TIMEOUT_S: Final = 5.0
 #: Ending a session (unacknowledged messages to offline storage, presence) may take this long.
 SESSION_END_TIMEOUT_S: Final = 10.0
 #: Stanzas held back for an inactive client (XEP-0352) before they all go out anyway.
@@ -256,6 +261,7 @@ class C2SConnection:
         # The stream error the stream itself ended with (bad XML, a refused frame): such a
         # stream is over for good, never resumable.
         self._failed: str | None = None
+        self._settled = trio.Event()  # set once teardown has finished the pipeline
         # Client state indication: while inactive, stanzas that can wait are held here.
         self._inactive = False
         self._held: list[ET.Element] = []
@@ -301,28 +307,59 @@ class C2SConnection:
                         "the server could not store your data",
                     )
         finally:
-            for pending in self._pipeline:
+            if _crashed(sys.exc_info()[1]):  # a bug: the stream is over, not resumable
+                self._failed = self._failed or "internal-server-error"
+            with trio.move_on_after(SETTLE_TIMEOUT_S) as cleanup:
+                cleanup.shield = True
+                await self._settle_pipeline()
+            for pending in self._pipeline:  # (only if settling took too long)
                 pending.abandon()
             self._pipeline.clear()
+            self._settled.set()
             with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
                 await self._finish()
             self.ctx.release_connection_slot(self.peer)
-            if self._resumable_now():
-                await self._wait_for_resumption()  # no socket held meanwhile
-            if not self._taken_over:
-                with trio.move_on_after(SESSION_END_TIMEOUT_S) as cleanup:
-                    cleanup.shield = True
-                    await self._end_session()
+            try:
+                if self._resumable_now():
+                    await self._wait_for_resumption()  # no socket held meanwhile
+            finally:  # (also when cancelled: the unacknowledged must still be put away)
+                if not self._taken_over:
+                    with trio.move_on_after(SESSION_END_TIMEOUT_S) as cleanup:
+                        cleanup.shield = True
+                        await self._end_session()
+
+    async def _settle_pipeline(self) -> None:
+        """Finish the messages the client sent before the stream ended: their records are
+        written anyway, so they are delivered and counted (a resumed stream reports them)."""
+        try:
+            while self._pipeline:
+                await self._pipeline[0].complete()
+                self._pipeline.pop(0)
+                self.stream.stanza_handled()
+        except StorageError:
+            pass  # what is left is abandoned; the client was not told it is handled
 
     def terminate(self, condition: str, text: str) -> None:
         """End this stream with a stream error (from another task: a newer login, shutdown,
-        a full send queue). Idempotent. A detached session ends for good."""
-        if self._terminate is None:
+        a full send queue). Idempotent, except that a reason which ends the session for good
+        overrides a timeout (after which it could have been resumed). A detached session
+        ends for good."""
+        previous = self._terminate
+        if previous is None or (
+            previous[0] == "connection-timeout" and condition != "connection-timeout"
+        ):
             self._terminate = (condition, text)
             self._scope.cancel()
+        if condition != "connection-timeout":
+            self._forget_resumable()
         if self._detached is not None:
             self._detached.set()
+
+    def _forget_resumable(self) -> None:
+        sm = self.stream.sm
+        if sm is not None and self.ctx.resumable.get(sm.id) is self:
+            del self.ctx.resumable[sm.id]
 
     async def _finish(self) -> None:
         """Write what is left and close the transport; the session itself ends in
@@ -380,7 +417,6 @@ class C2SConnection:
         assert sm is not None
         assert self.session is not None
         self._detached = trio.Event()
-        self._terminate = None
         # Until resumed, stanzas for this session are kept as sent-but-unacknowledged: a
         # resuming client gets them, in order, with the rest.
         self.session.enqueue = self._hold_detached
@@ -388,10 +424,10 @@ class C2SConnection:
             "stream detached; waiting for resumption",
             extra={"event": "sm.detached", "jid": str(self.session.jid), "max": sm.max},
         )
-        with trio.move_on_after(sm.max):
+        with trio.move_on_after(sm.max) as window:
             await self._detached.wait()
         self._detached = None
-        if not self._taken_over:
+        if window.cancelled_caught:
             log.info(
                 "stream not resumed",
                 extra={"event": "sm.expired", "jid": str(self.session.jid)},
@@ -400,10 +436,8 @@ class C2SConnection:
     def _hold_detached(self, stanza: ET.Element) -> bool:
         sm = self.stream.sm
         assert sm is not None
-        if len(sm.unacked) >= self.ctx.limits.sm_max_unacked:
-            return False  # the session then ends (Session.send terminates it)
-        sm.hold(stanza)
-        return True
+        sm.hold(stanza)  # kept even past the limit: it goes offline with the rest
+        return len(sm.unacked) <= self.ctx.limits.sm_max_unacked  # else the session ends
 
     async def _end_session(self) -> None:
         session = self.session
@@ -414,9 +448,10 @@ class C2SConnection:
         self.ctx.sessions.remove(session)
         sm = self.stream.sm
         if sm is not None:
-            if self.ctx.resumable.get(sm.id) is self:
-                del self.ctx.resumable[sm.id]
+            self._forget_resumable()
             unacked = sm.take_unacked()
+            for stanza in unacked:
+                self._bounce_request(stanza)
             if unacked and self.ctx.store_unacked is not None:
                 try:
                     await self.ctx.store_unacked(session.jid, unacked)
@@ -430,6 +465,19 @@ class C2SConnection:
             # stands, so no "unavailable" for that JID goes out now.)
             await self.ctx.router.session_ended(session)
 
+    def _bounce_request(self, stanza: ET.Element) -> None:
+        """An iq request to a session that ended unacknowledged gets the error a request to
+        an unavailable resource would (XEP-0198 §5, RFC 6121 §8.5.3.2)."""
+        if stanza.tag != "{jabber:client}iq" or stanza.get("type") not in ("get", "set"):
+            return
+        try:
+            requester = JID.parse(stanza.get("from", ""))
+        except ValueError:
+            return
+        target = self.ctx.sessions.get(requester)
+        if target is not None:
+            target.send(error_reply(stanza, "service-unavailable"))
+
     def _enable_sm(self, event: core.SmEnableRequested) -> None:
         limit = self.ctx.limits.sm_resume_timeout
         if not event.resume:
@@ -440,7 +488,7 @@ class C2SConnection:
         self.ctx.resumable[sm.id] = self
         log.info("stream management enabled", extra={"event": "sm.enabled", "peer": self.peer})
 
-    def _resume(self, event: core.SmResumeRequested) -> None:
+    async def _resume(self, event: core.SmResumeRequested) -> None:
         old = self.ctx.resumable.get(event.previd)
         username = self.stream.username
         old_sm = old.stream.sm if old is not None else None
@@ -449,24 +497,30 @@ class C2SConnection:
             or old_sm is None
             or old.session is None
             or old.session.jid.local != username
+            or self.ctx.sessions.get(old.session.jid) is not old.session
         ):
-            # Unknown, expired, or another user's: XEP-0198 §5 item-not-found.
+            # Unknown, expired, ended, or another user's: XEP-0198 §5 item-not-found.
             self.stream.refuse_sm("item-not-found")
             _security("resumption refused", "sm.resume_failed", self)
             return
-        if not old_sm.acknowledge(event.h):
+        if not old_sm.can_acknowledge(event.h):
             self.stream.refuse_sm("unexpected-request", h=old_sm.handled)
             return
         session = old.session
-        # Take everything over in one step (no checkpoint): the old connection stops
-        # counting and writing, and its teardown leaves the session alone.
+        # The old connection stops (its teardown leaves the session alone) and first
+        # finishes what its client sent, so that the h we report counts all of it.
         old._taken_over = True
-        pending = old._held + old._outbox.take()
-        old._held.clear()
-        old._outbox.closed = True
         old._scope.cancel()
         if old._detached is not None:
             old._detached.set()
+        with trio.move_on_after(SETTLE_TIMEOUT_S) as settling:
+            settling.shield = True  # nothing may leave the session half taken over
+            await old._settled.wait()
+        old.stream.sm = None  # from here on only this stream counts
+        old_sm.acknowledge(event.h)
+        pending = old._held + old._outbox.take()
+        old._held.clear()
+        old._outbox.closed = True
         for stanza in pending:
             old_sm.hold(stanza)  # never written: sent now with the rest of the unacked
         session.enqueue = self._enqueue
@@ -560,9 +614,13 @@ class C2SConnection:
                 await self._drain_pipeline()
                 self.stream.send_ack()
             elif isinstance(event, core.SmEnableRequested):
+                await self._drain_pipeline()  # what came before <enable/> is not counted
                 self._enable_sm(event)
+            elif isinstance(event, core.StanzaRejected):
+                await self._drain_pipeline()  # counted in order, like any handled stanza
+                self.stream.stanza_handled()
             elif isinstance(event, core.SmResumeRequested):
-                self._resume(event)
+                await self._resume(event)
             elif isinstance(event, core.ClientStateChanged):
                 self._inactive = not event.active
                 if event.active and self._held:
@@ -601,6 +659,8 @@ class C2SConnection:
             elif isinstance(event, core.StreamEnded):
                 self._peer_closed = event.by_peer
                 self._failed = event.condition
+                if event.by_peer:
+                    self._forget_resumable()  # a cleanly closed stream is over (XEP-0198)
                 if event.condition is not None:
                     log.info(
                         "stream error",
@@ -641,8 +701,7 @@ class C2SConnection:
                 # Left in the list until complete: if this is cancelled, teardown abandons it.
                 await self._pipeline[0].complete()
                 self._pipeline.pop(0)
-                if not self._taken_over:  # (a resumed stream reported its count already)
-                    self.stream.stanza_handled()  # durable and delivered: <a/> may count it
+                self.stream.stanza_handled()  # durable and delivered: <a/> may count it
                 self._pipeline_shrank.set()
         finally:
             self._completing = False
@@ -694,9 +753,14 @@ class C2SConnection:
     # ----- writing -----------------------------------------------------------------------
 
     def _enqueue(self, stanza: ET.Element) -> bool:
-        if self._outbox.closed and self.stream.sm is not None:
+        sm = self.stream.sm
+        if self._outbox.closed and sm is not None:
             return self._hold_detached(stanza)  # closing: unacknowledged, so kept
-        return self._outbox.put(stanza)
+        if self._outbox.put(stanza):
+            return True
+        if sm is not None:
+            sm.hold(stanza)  # not lost with the session: it goes offline with the unacked
+        return False
 
     async def _write_outbox(self) -> None:
         outbox = self._outbox
@@ -721,13 +785,9 @@ class C2SConnection:
     def _hold(self, stanza: ET.Element) -> None:
         """CSI: keep ``stanza`` until the client is active; a newer presence from the same
         sender replaces the older, and past `CSI_MAX_HELD` everything held goes out."""
-        if stanza.tag == "{jabber:client}presence":
+        if _is_status(stanza):
             sender = stanza.get("from")
-            self._held = [
-                s
-                for s in self._held
-                if not (s.tag == "{jabber:client}presence" and s.get("from") == sender)
-            ]
+            self._held = [s for s in self._held if not (_is_status(s) and s.get("from") == sender)]
         self._held.append(stanza)
         if len(self._held) > CSI_MAX_HELD:
             held, self._held = self._held, []
@@ -758,13 +818,41 @@ class C2SConnection:
 
 def _can_wait(stanza: ET.Element) -> bool:
     """XEP-0352: what an inactive client need not get at once: presence, and messages with
-    no content a person reads (chat states, receipts). Anything else goes out at once."""
+    no content for the user (chat states, receipts). Messages with content — a body,
+    encrypted payloads, call proposals, carbons of such — and everything else go at once."""
     tag = stanza.tag
     if tag == "{jabber:client}presence":
         return True
-    if tag == "{jabber:client}message":
-        return stanza.find("{jabber:client}body") is None and stanza.get("type") != "error"
+    if tag == "{jabber:client}message" and stanza.get("type") != "error":
+        return not has_im_content(_carried(stanza))
     return False
+
+
+def _carried(message: ET.Element) -> ET.Element:
+    """The message a carbon copy (XEP-0280) carries, or ``message`` itself."""
+    for direction in ("received", "sent"):
+        inner = message.find(
+            f"{{urn:xmpp:carbons:2}}{direction}/{{urn:xmpp:forward:0}}forwarded/"
+            "{jabber:client}message"
+        )
+        if inner is not None:
+            return inner
+    return message
+
+
+def _is_status(stanza: ET.Element) -> bool:
+    """Available or unavailable presence (a newer one from the same sender supersedes it),
+    as opposed to subscription requests and answers, which are all kept."""
+    return stanza.tag == "{jabber:client}presence" and stanza.get("type") in (None, "unavailable")
+
+
+def _crashed(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is a failure (a bug) rather than a cancellation."""
+    if exc is None:
+        return False
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is not None
+    return not isinstance(exc, trio.Cancelled)
 
 
 class _Wakeup:

@@ -139,6 +139,12 @@ class SmResumeRequested(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class StanzaRejected(Event):
+    """A stanza the stream answered or dropped itself (a malformed 'to'): handled, so once
+    what came before it is handled too, call ``stanza_handled``."""
+
+
+@dataclass(frozen=True, slots=True)
 class AckRequested(Event):
     """The client sent ``<r/>``: once what it sent before is handled, call ``send_ack``."""
 
@@ -204,6 +210,7 @@ class SmState:
     sent: int = 0
     unacked: list[tuple[int, ET.Element]] = field(default_factory=list)
     since_request: int = 0
+    request_pending: bool = False  # an <r/> is out and no <a/> has come back yet
 
     def hold(self, stanza: ET.Element) -> None:
         """Count ``stanza`` as sent and keep it until it is acknowledged."""
@@ -211,13 +218,22 @@ class SmState:
         self.unacked.append((self.sent, stanza))
         self.since_request += 1
 
-    def acknowledge(self, h: int) -> bool:
-        """Drop what ``h`` acknowledges; False if ``h`` acknowledges stanzas never sent."""
+    def can_acknowledge(self, h: int) -> bool:
+        """False if ``h`` acknowledges stanzas never sent (an ``h`` older than one already
+        received is stale, not wrong: it acknowledges nothing new)."""
         acked = (self.sent - len(self.unacked)) % _H_MODULUS
         newly = (h - acked) % _H_MODULUS
-        if newly > len(self.unacked):
+        return newly <= len(self.unacked) or 0 < (acked - h) % _H_MODULUS <= _H_MODULUS // 2
+
+    def acknowledge(self, h: int) -> bool:
+        """Drop what ``h`` acknowledges; False (nothing changed) if ``can_acknowledge`` is."""
+        if not self.can_acknowledge(h):
             return False
-        del self.unacked[:newly]
+        self.request_pending = False
+        acked = (self.sent - len(self.unacked)) % _H_MODULUS
+        newly = (h - acked) % _H_MODULUS
+        if newly <= len(self.unacked):
+            del self.unacked[:newly]
         return True
 
     def take_unacked(self) -> list[ET.Element]:
@@ -405,6 +421,7 @@ class C2SStream:
     def _request_ack(self) -> None:
         assert self.sm is not None
         self.sm.since_request = 0
+        self.sm.request_pending = True
         self._out.append(_SM_REQUEST)
 
     # ----- internals ---------------------------------------------------------------------
@@ -415,7 +432,7 @@ class C2SStream:
         sm = self.sm
         if sm is not None:  # every stanza after <enable/> counts (bind replies come before)
             sm.hold(element)
-            if sm.since_request >= SM_REQUEST_EVERY:
+            if sm.since_request >= SM_REQUEST_EVERY and not sm.request_pending:
                 self._request_ack()
 
     def _closing(self) -> bytes:
@@ -651,7 +668,9 @@ class C2SStream:
         tag = element.tag
         if tag == _SM_ACK_TAG:
             h = _counter(element.get("h"))
-            if self.sm is None or h is None or not self.sm.acknowledge(h):
+            if self.sm is None:
+                self._stream_error("unsupported-stanza-type", "stream management is not enabled")
+            elif h is None or not self.sm.acknowledge(h):
                 self._stream_error("undefined-condition", "<a/> acknowledges stanzas never sent")
             return True
         if tag == _SM_REQUEST_TAG:
@@ -701,6 +720,7 @@ class C2SStream:
             except JIDError as exc:
                 if stanza.get("type") != "error":
                     self._send(_addressed_back(error_reply(stanza, "jid-malformed", text=str(exc))))
+                self._events.append(StanzaRejected())
                 return
             stanza.set("to", str(to_jid))
         self._events.append(StanzaReceived(stanza, stanza_kind, to_jid))
