@@ -12,6 +12,8 @@ import trio
 
 from tests.net import test_c2s
 from villaged.app import _shut_down
+from villaged.net.c2s import MAX_DETACHED_PER_USER
+from villaged.xmpp.jid import JID
 
 if TYPE_CHECKING:
     from tests.net.rawclient import RawClient
@@ -244,3 +246,24 @@ async def test_shutdown_puts_a_detached_sessions_unacked_messages_offline(
             await trio.sleep(0.02)
     assert not harness.node.c2s.resumable
     assert len(harness.node.sessions) == 0
+
+
+async def test_one_account_keeps_only_a_few_detached_sessions(harness: Harness) -> None:
+    clients = []
+    for n in range(MAX_DETACHED_PER_USER + 1):
+        client = await harness.logged_in("alice", resource=f"phone{n}")
+        await client.send(f"<enable xmlns='{SM}' resume='true'/>".encode())
+        for _ in range(20):  # the other resources' presence comes first
+            if (await client.element()).tag == f"{{{SM}}}enabled":
+                break
+        else:
+            raise AssertionError("stream management was not enabled")
+        clients.append(client)
+    for client in clients:
+        await client.tcp.aclose()
+    alice = JID("alice", "localhost")
+    with trio.fail_after(5):  # the last one to drop ends at once: nothing waits for it
+        while len(harness.node.sessions.of_user(alice)) > MAX_DETACHED_PER_USER:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+    await trio.sleep(0.3)
+    assert len(harness.node.sessions.of_user(alice)) == MAX_DETACHED_PER_USER

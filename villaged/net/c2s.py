@@ -70,6 +70,9 @@ WRITE_TIMEOUT_S: Final = 30.0
 #: A client that has sent nothing for this long releases its XML parser until it speaks again
 #: (~12 KiB each: most of what an idle connection costs beyond its TLS state).
 COMPACT_AFTER_S: Final = 5.0
+#: Detached (resumable, socketless) sessions one account may have at once; past this a
+#: dropped stream ends at once, its unacknowledged messages going offline.
+MAX_DETACHED_PER_USER: Final = 5
 #: Finishing the messages a client sent before its stream ended may take this long.
 SETTLE_TIMEOUT_S: Final = 5.0
 #: Ending a session (unacknowledged messages to offline storage, presence) may take this long.
@@ -398,6 +401,15 @@ class C2SConnection:
 
     # ----- stream management (XEP-0198) ---------------------------------------------------
 
+    def _detached_of_user(self) -> int:
+        assert self.session is not None
+        bare = self.session.jid.bare
+        return sum(
+            1
+            for c in self.ctx.resumable.values()
+            if c._detached is not None and c.session is not None and c.session.jid.bare == bare
+        )
+
     def _resumable_now(self) -> bool:
         """Whether the stream broke in a way a client resumes from: it did not close it
         itself, and we did not end it for a reason of our own (a timeout is the network's)."""
@@ -410,6 +422,8 @@ class C2SConnection:
             and not self._peer_closed
             and self._failed is None
             and (self._terminate is None or self._terminate[0] == "connection-timeout")
+            # One account cannot pile up sessions that wait without a socket.
+            and self._detached_of_user() < MAX_DETACHED_PER_USER
         )
 
     async def _wait_for_resumption(self) -> None:
@@ -460,10 +474,11 @@ class C2SConnection:
                         "unacknowledged messages not queued offline (the archive has them)",
                         extra={"event": "sm.unacked_failed", "error": str(exc)},
                     )
-        if self.ctx.sessions.get(session.jid) is None:
-            # (A newer login with the same resource took over the full JID: its own presence
-            # stands, so no "unavailable" for that JID goes out now.)
-            await self.ctx.router.session_ended(session)
+        if self.ctx.sessions.get(session.jid) is not None:
+            # A newer login with the same resource holds the full JID: its own presence
+            # stands, so only those this session sent directed presence to hear it leave.
+            session.available = False
+        await self.ctx.router.session_ended(session)
 
     def _bounce_request(self, stanza: ET.Element) -> None:
         """An iq request to a session that ended unacknowledged gets the error a request to

@@ -41,6 +41,7 @@ import itertools
 import json
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Final
@@ -63,7 +64,12 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from villaged.config.model import parse_origin
-from villaged.net.c2s import C2SConnection, TokenBucket, TransportRefusedError
+from villaged.net.c2s import (
+    WRITE_TIMEOUT_S,
+    C2SConnection,
+    TokenBucket,
+    TransportRefusedError,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -331,7 +337,8 @@ class MessageFraming:
         self._ws = connection
         self._max_message_bytes = max_message_bytes
         self._overhead = overhead
-        self._events: list[FramingEvent] = []
+        # A deque: one read of 16 KiB may hold thousands of tiny messages.
+        self._events: deque[FramingEvent] = deque()
         # The text message being assembled: one buffer, so its memory is its payload (a
         # list of fragments cost ~40 bytes per 1-byte fragment), and a fragment count.
         self._parts = bytearray()
@@ -396,7 +403,7 @@ class MessageFraming:
 
     def next_event(self) -> FramingEvent | _NeedData:
         if self._events:
-            return self._events.pop(0)
+            return self._events.popleft()
         return NEED_DATA
 
     def send_messages(self, messages: list[bytes]) -> bytes:
@@ -571,7 +578,8 @@ class WebSocketTransport:
                 framing.send_ping(next(_ping_payloads))
                 pong_due = now + pong_timeout
                 next_ping = now + interval
-            with trio.move_on_after(pong_timeout) as scope:
+            # A large flush of stanzas may hold the lock: as long as c2s allows a write.
+            with trio.move_on_after(max(pong_timeout, WRITE_TIMEOUT_S)) as scope:
                 async with self._send_lock:
                     data = framing.data_to_send()
                     try:
