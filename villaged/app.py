@@ -240,6 +240,7 @@ async def _listen(
 async def _shut_down(node: Node) -> None:
     """Stop serving: every client gets <system-shutdown/>, with a bounded wait for them."""
     node.status.ready = False
+    node.c2s.shutting_down = True
     notify("STOPPING=1")
     log.info("shutting down", extra={"event": "node.stopping", "sessions": len(node.sessions)})
     for session in node.sessions.all():

@@ -3,6 +3,7 @@ app.run_node exactly as `villaged run` does."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import ssl
@@ -24,6 +25,7 @@ from villaged.ops.provision import init_dev
 from villaged.storage.errors import LogWriteError
 from villaged.storage.store import StoreOptions, open_store
 from villaged.xmpp import c2s as core
+from villaged.xmpp import xml
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -407,3 +409,35 @@ async def test_quiet_clients_release_their_parser_get_pinged_and_time_out(
             break
         await bob.send(f"<iq type='result' id='{got.get('id')}' to='localhost'/>".encode())
     assert got.findtext("{jabber:client}body") == "still here"
+
+
+async def test_during_shutdown_new_connections_and_late_binds_are_turned_away(
+    harness: Harness,
+) -> None:
+    late = await harness.client()
+    await late.send(header())  # negotiating while the node begins to shut down
+    await late.element()  # features
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_shut_down, harness.node)
+        await trio.sleep(0.1)
+        newcomer = await RawClient.connect(harness.c2s, harness.ca_file)
+        assert await newcomer.next() is None  # closed at once
+        await newcomer.aclose()
+        await late.send(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        assert (await late.element()).tag.endswith("proceed")
+        await late._tls()
+        await late.send(header())
+        await late.element()
+        await late.send(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+            + base64.b64encode(b"\0alice\0alice-password")
+            + b"</auth>"
+        )
+        assert (await late.element()).tag.endswith("success")
+        late.parser = xml.StreamParser()
+        await late.send(header())
+        await late.element()
+        await late.send(
+            b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+        )
+        assert await late.stream_error() == "system-shutdown"

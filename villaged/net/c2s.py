@@ -116,6 +116,9 @@ class C2SContext:
     # wires im.stream_management.store_unacked), and the resumable streams by their id.
     store_unacked: Callable[[JID, list[ET.Element]], Awaitable[int]] | None = None
     resumable: dict[str, C2SConnection] = field(default_factory=dict)
+    # Set when the node shuts down: new connections are closed at once, and a stream that
+    # binds (or resumes) meanwhile ends with system-shutdown like the others.
+    shutting_down: bool = False
 
     # ----- per-address limits, shared by the c2s and WebSocket listeners -------------------
 
@@ -225,6 +228,7 @@ class C2SConnection:
         *,
         direct_tls: bool,
         framed: MessageTransport | None = None,
+        bucket: TokenBucket | None = None,
     ) -> None:
         self.ctx = ctx
         self.tcp = tcp
@@ -246,7 +250,9 @@ class C2SConnection:
         self._outbox = _Outbox(ctx.limits.send_queue)
         self._scope = trio.CancelScope()
         self._terminate: tuple[str, str] | None = None
-        self._bucket = TokenBucket(
+        # The client's byte allowance; a framed transport passes the bucket it charges its
+        # framing to, so that both together stay within the configured rate.
+        self._bucket = bucket or TokenBucket(
             ctx.limits.bytes_per_second, ctx.limits.burst_bytes, trio.current_time()
         )
         # Accepted messages in the order the client sent them; `_complete_in_order` delivers
@@ -275,6 +281,11 @@ class C2SConnection:
     # ----- lifecycle ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        if self.ctx.shutting_down:
+            with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
+                cleanup.shield = True
+                await self._close_transport("system-shutdown")
+            return
         if not self.ctx.take_connection_slot(self.peer):
             _security("too many connections from one address", "c2s.too_many_connections", self)
             with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
@@ -547,6 +558,8 @@ class C2SConnection:
             "stream resumed",
             extra={"event": "sm.resumed", "jid": str(session.jid), "peer": self.peer},
         )
+        if self.ctx.shutting_down:
+            self.terminate("system-shutdown", "the server is shutting down")
 
     # ----- reading -----------------------------------------------------------------------
 
@@ -738,6 +751,8 @@ class C2SConnection:
             replaced.terminate("conflict", "replaced by a new login with the same resource")
         self.session = session
         self.stream.complete_bind(full)
+        if self.ctx.shutting_down:
+            self.terminate("system-shutdown", "the server is shutting down")
         log.info("bound", extra={"event": "c2s.bound", "jid": str(full), "peer": self.peer})
 
     async def _start_tls(self) -> bool:

@@ -828,15 +828,18 @@ class WebSocketConnection:
     ) -> None:
         limits = self.ctx.limits
         now = trio.current_time()
+        # One allowance for the client: its XMPP bytes (charged by c2s) and its framing and
+        # control traffic (charged here) together stay within [c2s] bytes_per_second.
+        bucket = TokenBucket(limits.bytes_per_second, limits.burst_bytes, now)
         framing = MessageFraming(
-            connection,
-            max_message_bytes=limits.max_stanza_bytes,
-            overhead=TokenBucket(limits.bytes_per_second, limits.burst_bytes, now),
+            connection, max_message_bytes=limits.max_stanza_bytes, overhead=bucket
         )
         if received:
             framing.receive_data(received, now)
         transport = WebSocketTransport(stream, framing, self.peer)
-        c2s = C2SConnection(self.ctx, self.tcp, self.tls, direct_tls=True, framed=transport)
+        c2s = C2SConnection(
+            self.ctx, self.tcp, self.tls, direct_tls=True, framed=transport, bucket=bucket
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 transport.keep_alive,
