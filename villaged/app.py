@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from villaged import __version__
+from villaged.admin.node import kicker, open_admin, serve_operator_access
 from villaged.im import private, server_info, stream_management, vcard
 from villaged.im.blocking import Blocking
 from villaged.im.context import ImContext
@@ -37,6 +38,7 @@ from villaged.ops.sdnotify import notify
 from villaged.storage.store import Store, StoreOptions
 
 if TYPE_CHECKING:
+    from villaged.admin.server import AdminContext
     from villaged.config.model import Config
 
 log = logging.getLogger("villaged.app")
@@ -79,6 +81,7 @@ class Node:
     sessions: SessionRegistry
     c2s: C2SContext
     status: NodeStatus
+    admin: AdminContext | None = None  # operator access (the admin socket), once opened
 
 
 def build_tls(config: Config) -> TlsContextHolder:
@@ -108,6 +111,7 @@ async def run_node(
     _tune_garbage_collector()
     try:
         node = _assemble(config, store, tls, views)
+        node.admin = await _open_operator_access(node, views)
         # Two nurseries: the store's outlives the serving one, so on shutdown every
         # connection task (and so every commit it started) is finished before the log closes.
         async with trio.open_nursery() as storage_nursery:
@@ -178,8 +182,36 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
     return Node(config, store, tls, sessions, c2s, NodeStatus())
 
 
+async def _open_operator_access(node: Node, views: FeatureViews) -> AdminContext:
+    """The operator store and the audit log (files under the data directory)."""
+    try:
+        admin = await trio.to_thread.run_sync(
+            partial(
+                open_admin,
+                node.config,
+                node.store,
+                node.sessions,
+                views.messages,
+                views.roster,
+                node.c2s.handlers,
+            )
+        )
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"operator access (the [admin] section): {exc}") from exc
+    admin.kick = kicker(node.sessions)
+    return admin
+
+
 async def _start_listeners(node: Node, nursery: trio.Nursery) -> None:
     config = node.config
+    if node.admin is not None:
+        try:
+            await nursery.start(serve_operator_access, node.admin, config)
+        except OSError as exc:
+            raise StartupError(
+                f"[admin] socket = {str(config.admin.socket)!r} in {config.source}: cannot listen"
+                f" there ({exc.strerror or exc})"
+            ) from exc
     for endpoint in config.listeners.http.bind:
         listeners = await _listen(
             config,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, NoReturn
 import trio
 
 from villaged import __version__
+from villaged.admin import client as admin_client
+from villaged.admin.client import AdminCommandError
 from villaged.app import StartupError
 from villaged.config import Config, ConfigError, check_config_files, load_config
 from villaged.storage.errors import StorageError
@@ -136,6 +139,64 @@ def cmd_storage_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from villaged.admin import audit
+
+    config = _config(args)
+    directory = config.storage.dir / "audit"
+    origin = audit.origin_for(config.server.domain)
+    # Records and checkpoints are UTF-8 whatever the terminal's locale: write bytes.
+    sys.stdout.flush()
+    out = sys.stdout.buffer
+    if args.audit_command == "verify":
+        report = audit.verify_log(
+            directory,
+            public_key_file=Path(args.public_key) if args.public_key else None,
+            retained_checkpoint=(
+                audit.read_checkpoint_file(Path(args.checkpoint)) if args.checkpoint else None
+            ),
+            origin=origin,
+        )
+        out.write(report.summary().encode("utf-8") + b"\n")
+    elif args.audit_command == "checkpoint":
+        out.write(audit.latest_checkpoint(directory, origin).encode("utf-8"))
+    else:
+        since = audit.parse_since(args.since) if args.since else None
+        for line in audit.export_lines(directory, since=since):
+            out.write(line + b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from villaged.admin.operators import OperatorError
+    from villaged.ops import operators
+
+    config = _config(args)
+    action = args.operator_command
+    uid = _uid(args.uid) if action == "enroll" else 0
+    try:
+        store = operators.open_operators(config)
+        if action == "enroll":
+            enrollment = operators.enroll(store, config, args.name, uid, time.time())
+            print("\n".join(enrollment.lines()))
+        elif action == "list":
+            print("\n".join(operators.listing(store.list(), time.time())))
+        else:
+            done = {"disable": store.disable, "enable": store.enable, "remove": store.remove}
+            done[action](args.name)
+            print(f"{action}d operator {args.name}")
+    except OperatorError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
+def _uid(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise CommandError(f"--uid {text[:40]!r} is not a numeric Unix user id")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="villaged",
@@ -198,6 +259,49 @@ def build_parser() -> argparse.ArgumentParser:
     storage_sub = storage.add_subparsers(dest="storage_command", required=True, metavar="ACTION")
     p = storage_sub.add_parser("verify", help="offline integrity scan of the data directory")
     with_config(p).set_defaults(func=cmd_storage_verify)
+
+    audit = sub.add_parser("audit", help="the operator audit log (stopped or running node)")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    p = with_config(
+        audit_sub.add_parser("verify", help="check the audit log against its signed checkpoints")
+    )
+    p.add_argument("--checkpoint", metavar="FILE", help="a checkpoint kept off this host")
+    p.add_argument("--public-key", metavar="FILE", help="the audit public key kept off this host")
+    p.set_defaults(func=cmd_audit)
+    p = audit_sub.add_parser(
+        "checkpoint", help="print the newest signed checkpoint (signing one if there is none)"
+    )
+    with_config(p).set_defaults(func=cmd_audit)
+    p = with_config(audit_sub.add_parser("export", help="print the records as JSON lines"))
+    p.add_argument("--since", metavar="TIME", help="only records from this RFC 3339 time on")
+    p.set_defaults(func=cmd_audit)
+
+    operator = sub.add_parser(
+        "operator",
+        help="manage the operators of the admin socket and their TOTP logins"
+        " (stopped or running node)",
+    )
+    operator_sub = operator.add_subparsers(dest="operator_command", required=True, metavar="ACTION")
+    p = with_config(
+        operator_sub.add_parser(
+            "enroll", help="enrol an operator; shows their new TOTP secret (URI, QR code) once"
+        )
+    )
+    p.add_argument("name", metavar="NAME", help="operator name: a-z first, then a-z 0-9 _ -")
+    p.add_argument("--uid", required=True, metavar="UID", help="their Unix user id")
+    p.set_defaults(func=cmd_operator)
+    p = with_config(operator_sub.add_parser("list", help="list operators (never their secrets)"))
+    p.set_defaults(func=cmd_operator)
+    for action, help_ in (
+        ("disable", "refuse an operator's logins"),
+        ("enable", "allow an operator's logins again (also ends a lockout)"),
+        ("remove", "forget an operator and destroy their TOTP secret"),
+    ):
+        p = with_config(operator_sub.add_parser(action, help=help_))
+        p.add_argument("name", metavar="NAME")
+        p.set_defaults(func=cmd_operator)
+
+    admin_client.add_parser(sub, with_config)
     return parser
 
 
@@ -206,7 +310,16 @@ def _fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-_EXPECTED = (CommandError, ConfigError, StorageError, ValueError, OSError, StartupError)
+# (OSError and StartupError last: _reason treats the others before them alike.)
+_EXPECTED = (
+    AdminCommandError,
+    CommandError,
+    ConfigError,
+    StorageError,
+    ValueError,
+    OSError,
+    StartupError,
+)
 
 
 def _reason(exc: BaseException) -> str | None:

@@ -312,3 +312,17 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(
 def test_write_into_a_missing_directory_fails(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         write_private_file(tmp_path / "absent" / "f", b"x")
+
+
+def test_an_older_dev_config_gets_the_admin_section_once(tmp_path: Path) -> None:
+    now = NOW
+    result = init_dev(tmp_path / "dev", now=now)
+    text = result.config.read_text()
+    start = text.index("[admin]")
+    end = text.index("[log]")
+    result.config.write_text(text[:start] + text[end:])  # as written before [admin] existed
+    init_dev(tmp_path / "dev", now=now)
+    init_dev(tmp_path / "dev", now=now)
+    again = result.config.read_text()
+    assert again.count("[admin]") == 1
+    assert load_config(result.config).admin.socket == tmp_path / "dev" / "admin.sock"

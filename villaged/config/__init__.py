@@ -6,6 +6,7 @@ the section dataclasses.
 
 from villaged.config.loader import ConfigError, check_config_files, load_config, read_section
 from villaged.config.model import (
+    AdminConfig,
     C2SConfig,
     Config,
     Endpoint,
@@ -22,6 +23,7 @@ from villaged.config.model import (
 )
 
 __all__ = [
+    "AdminConfig",
     "C2SConfig",
     "Config",
     "ConfigError",

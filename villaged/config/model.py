@@ -418,6 +418,35 @@ class LogConfig:
     level: LogLevel = "info"
 
 
+_GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+
+
+def parse_group_name(text: str) -> str:
+    """A Unix group name, or "" (the daemon's own group)."""
+    if text and not _GROUP_NAME.fullmatch(text):
+        raise ValueError("1 to 32 of A-Z, a-z, 0-9, '_', '.' and '-', not starting with - or .")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the operators' admin socket, their TOTP login, inspection grants, audit."""
+
+    socket: Path = Path("/run/villaged/admin.sock")
+    group: str = field(
+        default="",
+        metadata=setting(
+            form='a Unix group name, or "" for the daemon\'s own group', parse=parse_group_name
+        ),
+    )
+    max_login_failures: int = field(default=5, metadata=setting(min=1, max=100))
+    lockout_seconds: int = field(default=900, metadata=setting(min=1, max=86_400))
+    grant_minutes: int = field(default=15, metadata=setting(min=1, max=240))
+    two_person_rule: bool = False
+    checkpoint_interval: int = field(default=3600, metadata=setting(min=60, max=86_400))
+    notify_users: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration: one field per section, plus the file it came from."""
@@ -429,4 +458,5 @@ class Config:
     c2s: C2SConfig = field(default_factory=C2SConfig)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     source: Path = field(default=Path("villaged.toml"), metadata=not_a_key())

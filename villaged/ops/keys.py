@@ -1,9 +1,10 @@
 """Key-encryption keyset rotation (`villaged keys rotate`).
 
 Rotation adds a new primary key to the keyset file (old keys stay, so everything sealed before
-still opens) and re-wraps every user's data key under it. The data directory is locked for
-the duration, so this runs on a stopped node. If it is interrupted after the keyset is saved,
-running it again finishes the re-wrap (the old key is still in the keyset).
+still opens) and re-wraps every user's data key and every operator's TOTP secret under it. The
+data directory is locked for the duration, so this runs on a stopped node. If it is interrupted
+after the keyset is saved, running it again finishes the re-wrap (the old key is still in the
+keyset).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from villaged.im.features import open_node_store
+from villaged.ops.operators import rewrap_operator_secrets
 from villaged.storage.store import StoreOptions
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ async def rotate_keys(config: Config) -> RotationResult:
         await trio.to_thread.run_sync(keyset.save, options.keyset)
         store.vault.replace_keyset(keyset)
         rewrapped = await trio.to_thread.run_sync(store.vault.rewrap_all)
+        await trio.to_thread.run_sync(rewrap_operator_secrets, config, keyset)
     return RotationResult(keyset.primary_id, len(keyset.key_ids), rewrapped)
 
 
@@ -56,6 +59,8 @@ async def retire_old_keys(config: Config) -> RetireResult:
     async with open_node_store(config) as store:
         rewrapped = await trio.to_thread.run_sync(store.vault.rewrap_all)
         keyset = store.vault.keyset
+        # Operators' TOTP secrets are wrapped by the keyset too: move them before keys go.
+        await trio.to_thread.run_sync(rewrap_operator_secrets, config, keyset)
         retired = tuple(k for k in keyset.key_ids if k != keyset.primary_id)
         for key_id in retired:
             keyset = keyset.without(key_id)

@@ -9,6 +9,7 @@ is kept (keys, certificate, config), so a dev server's data stays readable acros
     DIR/tls/key.pem          its key, 0600
     DIR/keys/keyset.json     the key-encryption keyset, 0600
     DIR/data/                created by the storage layer on first start
+    DIR/admin.sock           the operators' admin socket, while the node runs
 
 Files are written keyset first and config last: the config only appears once everything it
 names exists, so an interrupted run is finished by running again.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from villaged.config.model import parse_domain
 from villaged.ops.tlsfiles import make_self_signed, write_file_atomic, write_private_file
@@ -112,10 +113,21 @@ def init_dev(
     config_path = directory / CONFIG_NAME
     if needed(config_path):
         write_file_atomic(config_path, dev_config_text(domain, port_base).encode(), 0o644)
+    else:
+        _add_missing_admin_section(config_path)
 
     return InitResult(
         directory=directory, config=config_path, created=tuple(created), kept=tuple(kept)
     )
+
+
+def _add_missing_admin_section(config_path: Path) -> None:
+    """A dev config written before the admin socket existed gets its ``[admin]`` section (the
+    default socket path needs root), so ``make run`` keeps working; nothing else changes."""
+    text = config_path.read_text(encoding="utf-8")
+    if "\n[admin]" in text or text.startswith("[admin]"):
+        return
+    write_file_atomic(config_path, (text.rstrip("\n") + "\n" + _DEV_ADMIN).encode(), 0o644)
 
 
 def _make_private_directory(directory: Path) -> None:
@@ -127,6 +139,12 @@ def _make_private_directory(directory: Path) -> None:
             raise NotADirectoryError(f"{directory} exists and is not a directory") from None
         return
     os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+
+
+_DEV_ADMIN: Final = """[admin]
+# The operators' admin socket, in this directory (no root needed); see `villaged operator`.
+socket = "admin.sock"
+"""
 
 
 def dev_config_text(domain: str, port_base: int) -> str:
@@ -163,6 +181,7 @@ profile = "intermediate"
 # public URL's own origin only.
 allowed_origins = [{origins}]
 
+{_DEV_ADMIN}
 [log]
 level = "debug"
 """

@@ -471,6 +471,13 @@ def _rebuild_state(
     return state
 
 
+def prepare_data_directory(directory: Path) -> None:
+    """Create the data directory (0700, with its FORMAT file) if it is new, or check its
+    format; takes no lock. For commands that keep files in it beside a running node (the
+    operators file), so that a directory they create first is still one the store opens."""
+    _prepare_directory(directory)
+
+
 def _prepare_directory(directory: Path) -> None:
     format_file = directory / "FORMAT"
     try:

@@ -1,0 +1,205 @@
+"""The admin socket end to end: a node in this process, the real Unix socket and SO_PEERCRED,
+the `villaged admin` client code, TOTP codes from the enrolled secret, the real audit log."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pyotp
+import pytest
+import trio
+
+from tests.net.rawclient import RawClient
+from tests.nodes import RunningNode, start_node
+from villaged.admin import server as admin_server
+from villaged.admin.audit import verify_log
+from villaged.admin.client import AdminCommandError, _Session, run_command
+from villaged.admin.operators import OperatorStore
+from villaged.admin.transparency import NS_ACCESS
+from villaged.storage import crypto
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
+
+ALICE = "alice@localhost"
+WHY = "the user asked support to look at a lost message"
+
+
+class Operator:
+    """An enrolled operator (this process's uid) and a clock its codes follow."""
+
+    def __init__(self, secret: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.totp = pyotp.TOTP(secret)
+        self.now = 1_900_000_000.0
+        monkeypatch.setattr(admin_server, "wall_clock", lambda: self.now)
+
+    def code(self) -> str:
+        """A code of a step not used yet (the clock moves on 30 s)."""
+        self.now += 30
+        return str(self.totp.at(self.now))
+
+    def codes(self) -> Iterator[str]:
+        while True:
+            yield self.code()
+
+
+class Admin:
+    def __init__(self, running: RunningNode, operator: Operator) -> None:
+        self.running = running
+        self.operator = operator
+        self.socket = running.config.admin.socket
+
+    async def run(self, op: str, **args: Any) -> Any:
+        fresh = op in ("grant.request", "grant.approve")
+        return await run_command(self.socket, op, args, self.operator.codes(), fresh)
+
+    async def refused(self, op: str, **args: Any) -> str:
+        with pytest.raises(AdminCommandError) as caught:
+            await self.run(op, **args)
+        return str(caught.value).split(":")[0]
+
+    async def grant(self, jid: str = ALICE) -> str:
+        result = await self.run(
+            "grant.request", jid=jid, reason="user-support-request", justification=WHY, ticket="T-7"
+        )
+        grant_id: str = result["id"]
+        return grant_id
+
+    def audit(self) -> list[dict[str, Any]]:
+        assert self.running.node.admin is not None
+        log = self.running.node.admin.audit
+        return list(log.log.records())  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def admin(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Admin]:
+    running = await start_node(nursery, tmp_path)
+    config = running.config
+    keyset = crypto.Keyset.load(config.storage.keyset)
+    store = OperatorStore.open(config.storage.dir / "admin", keyset)
+    secret, _ = store.enroll("ops1", os.getuid(), datetime.now(UTC).timestamp())
+    yield Admin(running, Operator(secret, monkeypatch))
+    nursery.cancel_scope.cancel()
+
+
+async def test_status_sessions_and_the_audit_trail(admin: Admin) -> None:
+    status = await admin.run("status")
+    assert status["domain"] == "localhost"
+    assert await admin.run("sessions") == []
+    commands = [(r["command"], r["result"]) for r in admin.audit()]
+    assert commands == [("login", "ok"), ("status", "ok"), ("login", "ok"), ("sessions", "ok")]
+    assert all(r["operator"] == "ops1" and r["uid"] == os.getuid() for r in admin.audit())
+
+
+async def test_nothing_runs_before_login(admin: Admin) -> None:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(admin.socket))
+    async with trio.SocketStream(sock) as stream:
+        session = _Session(stream)
+        with pytest.raises(AdminCommandError, match="login-required"):
+            await session.call("status", {})
+    assert admin.audit()[-1]["result"] == "refused"
+
+
+async def test_wrong_replayed_and_locked_out_logins(admin: Admin) -> None:
+    good = admin.operator.code()
+    assert await run_command(admin.socket, "status", {}, iter([good]), False)
+    with pytest.raises(AdminCommandError, match="replayed"):  # the same step again
+        await run_command(admin.socket, "status", {}, iter([good]), False)
+    for _ in range(4):
+        with pytest.raises(AdminCommandError, match="wrong-code"):
+            await run_command(admin.socket, "status", {}, iter(["000000"]), False)
+    # The replay and four wrong codes are five failures in a row: even a good code is refused.
+    with pytest.raises(AdminCommandError, match="locked"):
+        await run_command(admin.socket, "status", {}, iter([admin.operator.code()]), False)
+
+
+async def test_an_unknown_uid_is_turned_away(admin: Admin) -> None:
+    assert admin.running.node.admin is not None
+    admin.running.node.admin.operators.store.remove("ops1")  # type: ignore[attr-defined]
+    assert await admin.refused("status") == "unknown-uid"
+
+
+async def test_grants_scope_inspection_to_one_user(admin: Admin) -> None:
+    assert await admin.refused("inspect", what="account", jid=ALICE, grant="none") == "no-grant"
+    assert (
+        await admin.refused(
+            "grant.request", jid=ALICE, reason="curiosity", justification=WHY, ticket="T"
+        )
+        == "bad-reason"
+    )
+    assert (
+        await admin.refused(
+            "grant.request", jid=ALICE, reason="legal-request", justification="short", ticket="T"
+        )
+        == "bad-justification"
+    )
+    grant = await admin.grant()
+    account = await admin.run("inspect", what="account", jid=ALICE, grant=grant)
+    assert account["exists"]
+    out_of_scope = await admin.refused("inspect", what="roster", jid="bob@localhost", grant=grant)
+    assert out_of_scope == "out-of-scope"
+    assert admin.running.node.admin is not None
+    admin.running.node.admin.grants.lifetime = 0.2
+    short = await admin.grant()
+    await trio.sleep(0.3)
+    assert await admin.refused("inspect", what="roster", jid=ALICE, grant=short) == "expired"
+    inspected = [r for r in admin.audit() if r["command"] == "inspect.account"]
+    assert inspected[-1]["result"] == "ok"
+    assert len(inspected[-1]["data_sha256"]) == 64
+    assert "exists" not in str(inspected)  # the data itself is never in the log
+
+
+async def test_two_person_rule_refuses_self_approval(admin: Admin) -> None:
+    assert admin.running.node.admin is not None
+    admin.running.node.admin.grants.two_person_rule = True
+    grant = await admin.grant()
+    assert await admin.refused("inspect", what="roster", jid=ALICE, grant=grant) == "pending"
+    assert await admin.refused("grant.approve", grant=grant) == "self-approval"
+
+
+async def test_inspection_fails_closed_when_the_audit_log_cannot_be_written(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grant = await admin.grant()
+    assert admin.running.node.admin is not None
+    audit = admin.running.node.admin.audit
+
+    def disk_full(record: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit, "append", disk_full)
+    with pytest.raises(AdminCommandError, match="audit-unavailable") as caught:
+        await admin.run("inspect", what="account", jid=ALICE, grant=grant)
+    assert "exists" not in str(caught.value)
+
+
+async def test_the_user_sees_the_access_and_is_told(admin: Admin) -> None:
+    running = admin.running
+    alice = await RawClient.connect(running.c2s, running.ca_file)
+    await alice.login("alice", "alice-password", resource="r")
+    await alice.send(b"<presence/>")
+    grant = await admin.grant()
+    notice = await alice.element()
+    assert notice.get("type") == "headline"
+    assert "user-support-request" in (notice.findtext("{jabber:client}body") or "")
+    await admin.run("inspect", what="messages", jid=ALICE, grant=grant)
+    await alice.send(f"<iq type='get' id='a1'><accesses xmlns='{NS_ACCESS}'/></iq>".encode())
+    for _ in range(10):
+        answer = await alice.element()
+        if answer.get("id") == "a1":
+            break
+    accesses = answer.findall(f"{{{NS_ACCESS}}}accesses/{{{NS_ACCESS}}}access")
+    assert [(a.get("action"), a.get("operator"), a.get("ticket")) for a in accesses] == [
+        ("grant.request", "ops1", "T-7"),
+        ("inspect.messages", "ops1", "T-7"),
+    ]
+    await alice.aclose()
+    # And the log the answer came from verifies.
+    report = verify_log(running.config.storage.dir / "audit")
+    assert report is not None
