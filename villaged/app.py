@@ -178,6 +178,7 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
         router=router,
         unknown_user_secret=store.node_secret("sasl_unknown_user"),
         store_unacked=partial(stream_management.store_unacked, messages),
+        disabled=views.account_status.is_disabled,
     )
     return Node(config, store, tls, sessions, c2s, NodeStatus())
 

@@ -203,3 +203,25 @@ async def test_the_user_sees_the_access_and_is_told(admin: Admin) -> None:
     # And the log the answer came from verifies.
     report = verify_log(running.config.storage.dir / "audit")
     assert report is not None
+
+
+async def test_a_disabled_account_cannot_log_in_until_enabled(admin: Admin) -> None:
+    running = admin.running
+    alice = await RawClient.connect(running.c2s, running.ca_file)
+    await alice.login("alice", "alice-password", resource="r")
+    result = await admin.run("user.disable", jid=ALICE)
+    assert result == {"jid": ALICE, "disabled": True, "sessions_ended": 1}
+    assert await alice.stream_error() == "policy-violation"
+    again = await RawClient.connect(running.c2s, running.ca_file)
+    with pytest.raises(PermissionError, match="not-authorized"):
+        await again.login("alice", "alice-password")
+    assert await admin.refused("user.disable", jid="nobody@localhost") == "no-such-account"
+    await admin.run("user.enable", jid=ALICE)
+    third = await RawClient.connect(running.c2s, running.ca_file)
+    assert await third.login("alice", "alice-password") == "alice@localhost/test"
+    for client in (alice, again, third):
+        await client.aclose()
+    assert [r["command"] for r in admin.audit() if r.get("scope") == ALICE] == [
+        "user.disable",
+        "user.enable",
+    ]

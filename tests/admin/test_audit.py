@@ -308,7 +308,7 @@ SECRET_TEXT = "the user's password is hunter2"
         ({"ticket": "T-1\u202e"}, "field 'ticket' must not contain the character U+202E"),
         ({"error": "bad \ud800"}, "field 'error' must not contain the character U+D800"),
         ({"reason": "line\nbreak"}, "field 'reason' must not contain the character U+000A"),
-        ({"command": ""}, "field 'command' must be 1 to 64 characters long, not 0"),
+        ({"command": "x" * 65}, "field 'command' must be 0 to 64 characters long, not 65"),
         ({"scope": "Alice@Example.org"}, "field 'scope' must be a JID in canonical form"),
         ({"scope": "@example.org"}, "field 'scope' is not a JID"),
         ({"data_sha256": SECRET_TEXT}, "field 'data_sha256' must be a SHA-256 digest"),
@@ -608,6 +608,10 @@ def test_the_origin_is_checked(tmp_path: Path) -> None:
     fill(directory, 2, checkpoint_every=2)
     with pytest.raises(AuditError, match=r"belongs to 'villaged-audit/example\.org'"):
         AuditLog.open(directory, "villaged-audit/example.net")
+    with (directory / "checkpoints").open("a") as file:
+        file.write('"not a checkpoint"\n')
+    with pytest.raises(AuditCorruptError, match=r"checkpoints: line 2: no blank line"):
+        AuditLog.open(directory, ORIGIN)
 
 
 # --------------------------------------------------------------------------- failing closed
@@ -1160,6 +1164,11 @@ def test_cli_errors_are_one_line(
     code, _, err = run(["audit", "verify", *c, "--checkpoint", str(tmp_path / "no.txt")], capsys)
     assert code == 1
     assert "cannot read the checkpoint" in err
+    checkpoints = node_audit_dir(node) / "checkpoints"
+    checkpoints.write_text(checkpoints.read_text().replace("\\n2\\n", "\\n1\\n"))
+    code, _, err = run(["audit", "checkpoint", *c], capsys)
+    assert code == 1
+    assert "the newest stored checkpoint does not verify: the signature does not verify" in err
     code, out, _ = run(["audit", "--help"], capsys)
     assert code == 0
     for action in ("verify", "checkpoint", "export"):

@@ -534,7 +534,7 @@ RECORD_FIELDS: Final[Mapping[str, _Check]] = {
     "result": _choice(RESULTS),
     "uid": _integer(0, 2**32 - 1),  # the peer's uid and pid (SO_PEERCRED)
     "pid": _integer(0, 2**32 - 1),
-    "command": _text(64, min_chars=1),  # e.g. grant.request, inspect.messages
+    "command": _text(64),  # e.g. grant.request, inspect.messages
     "scope": _check_jid,  # whose data the command touches
     "reason": _text(64),  # reason code of a grant
     "justification": _text(2000, multiline=True),
@@ -1261,7 +1261,6 @@ class AuditLog:
         if problem is not None:
             raise AuditError(f"audit log origin {origin!r} {problem}")
         _ensure_directory(directory)
-        key = _load_or_create_signing_key(directory)
         path = directory / LOG_NAME
         fd = _open_log_file(path)
         try:
@@ -1273,6 +1272,8 @@ class AuditLog:
                 ) from None
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise AuditError(f"{path} is not a regular file")
+            # Under the writer's lock, so that two first opens cannot make two keys.
+            key = _load_or_create_signing_key(directory)
             end = os.fstat(fd).st_size
             offsets: array[int] = array("Q")
             replay = _Replay(offsets=offsets)
@@ -1622,7 +1623,10 @@ def _checkpoint_beside_writer(directory: Path, origin: str, now: datetime | None
     moment = format_time(now if now is not None else datetime.now(UTC))
     with _CheckpointsFile(directory / CHECKPOINTS_NAME) as checkpoints:
         # The node may have stored one since we looked: it covers at least as much.
-        newer = checkpoints.last()
+        try:
+            newer = checkpoints.last()
+        except _CheckError as exc:
+            raise AuditVerifyError(f"{checkpoints.path}: the last line is {exc.reason}") from None
         if newer is not None:
             return newer
         text = _sign_checkpoint(key, origin, replay.size, replay.root, moment)

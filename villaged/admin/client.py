@@ -58,6 +58,10 @@ def add_parser(
     commands.add_parser("status", help="node status")
     commands.add_parser("sessions", help="connected resources")
     commands.add_parser("kick", help="end a user's sessions").add_argument("jid")
+    user = commands.add_parser("user", help="disable or enable an account")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    user_sub.add_parser("disable", help="refuse its logins, end its sessions").add_argument("jid")
+    user_sub.add_parser("enable", help="let it log in again").add_argument("jid")
     grant = commands.add_parser("grant", help="inspection grants")
     grant_sub = grant.add_subparsers(dest="grant_command", required=True, metavar="ACTION")
     p = grant_sub.add_parser("request", help="ask for a grant to inspect one user's data")
@@ -96,6 +100,8 @@ def _request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any], bool]:
         return command, {}, False
     if command == "kick":
         return "kick", {"jid": args.jid}, False
+    if command == "user":
+        return f"user.{args.user_command}", {"jid": args.jid}, False
     if command == "grant":
         action = args.grant_command
         if action == "request":

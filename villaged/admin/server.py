@@ -39,6 +39,7 @@ import msgpack
 import trio
 
 from villaged import __version__
+from villaged.admin.account_status import STATUS_RECORD
 from villaged.admin.grants import GrantBook, GrantError
 from villaged.admin.protocol import (
     MAX_REQUEST_BYTES,
@@ -50,6 +51,7 @@ from villaged.admin.protocol import (
 )
 from villaged.im.mam import PAYLOAD_RECORD, format_stamp, parse_stamp, unpack_stanza, unpack_with
 from villaged.storage.errors import DecryptError, ShreddedError
+from villaged.storage.records import Record
 from villaged.storage.state import StateError
 from villaged.xmpp import xml
 from villaged.xmpp.jid import JID, JIDError
@@ -332,6 +334,25 @@ class AdminConnection:
         await self._audit("kick", "ok", scope=str(jid))  # durable before it happens
         return ok({"ended": self.ctx.kick(jid)})
 
+    async def user_disable(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._set_disabled(args, disabled=True)
+
+    async def user_enable(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._set_disabled(args, disabled=False)
+
+    async def _set_disabled(self, args: dict[str, Any], *, disabled: bool) -> dict[str, Any]:
+        command = "user.disable" if disabled else "user.enable"
+        user = _jid(args.get("jid"))
+        if user is None or user.resource or str(user) not in self.ctx.store.state.accounts:
+            await self._audit(command, "refused", error="no such account")
+            return refused("no-such-account", "no local account with that JID")
+        await self._audit(command, "ok", scope=str(user))  # on record before it takes effect
+        await self.ctx.store.commit(Record(STATUS_RECORD, {"u": str(user), "disabled": disabled}))
+        ended = 0
+        if disabled and self.ctx.kick is not None:
+            ended = self.ctx.kick(user)
+        return ok({"jid": str(user), "disabled": disabled, "sessions_ended": ended})
+
     async def grant_request(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.operator is not None
         user = _jid(args.get("jid"))
@@ -552,6 +573,8 @@ COMMANDS: Final[
     "status": AdminConnection.status,
     "sessions": AdminConnection.sessions,
     "kick": AdminConnection.kick,
+    "user.disable": AdminConnection.user_disable,
+    "user.enable": AdminConnection.user_enable,
     "grant.request": AdminConnection.grant_request,
     "grant.approve": AdminConnection.grant_approve,
     "grant.list": AdminConnection.grant_list,

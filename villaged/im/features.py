@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from villaged.admin.account_status import AccountStatusView
 from villaged.im.blocking import BlockingView
 from villaged.im.messages import MessageStoreView
 from villaged.im.private import PrivateView
@@ -34,9 +35,17 @@ class FeatureViews:
     roster: RosterView = field(default_factory=RosterView)
     messages: MessageStoreView = field(default_factory=MessageStoreView)
     blocking: BlockingView = field(default_factory=BlockingView)
+    account_status: AccountStatusView = field(default_factory=AccountStatusView)
 
     def all(self) -> list[View]:
-        return [self.vcards, self.private, self.roster, self.messages, self.blocking]
+        return [
+            self.vcards,
+            self.private,
+            self.roster,
+            self.messages,
+            self.blocking,
+            self.account_status,
+        ]
 
 
 @asynccontextmanager

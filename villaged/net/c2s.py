@@ -119,6 +119,8 @@ class C2SContext:
     # Set when the node shuts down: new connections are closed at once, and a stream that
     # binds (or resumes) meanwhile ends with system-shutdown like the others.
     shutting_down: bool = False
+    # Whether an operator disabled the account (app.py wires the account_status view).
+    disabled: Callable[[str], bool] | None = None
 
     # ----- per-address limits, shared by the c2s and WebSocket listeners -------------------
 
@@ -276,7 +278,14 @@ class C2SConnection:
         self._held: list[ET.Element] = []
 
     def _credentials(self, username: str) -> Mapping[str, ScramCredential] | None:
-        return self.ctx.store.credentials(f"{username}@{self.ctx.domain}")
+        jid = f"{username}@{self.ctx.domain}"
+        if self.ctx.disabled is not None and self.ctx.disabled(jid):
+            log.warning(
+                "login to a disabled account",
+                extra={"event": "c2s.auth_disabled", "user": jid, "security": True},
+            )
+            return None  # refused exactly like a wrong password
+        return self.ctx.store.credentials(jid)
 
     # ----- lifecycle ---------------------------------------------------------------------
 
