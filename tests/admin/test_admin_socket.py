@@ -225,3 +225,10 @@ async def test_a_disabled_account_cannot_log_in_until_enabled(admin: Admin) -> N
         "user.disable",
         "user.enable",
     ]
+
+
+async def test_hostile_text_in_a_request_is_recorded_not_lost(admin: Admin) -> None:
+    assert await admin.refused("no\x00such\u202ecommand") == "unknown-command"
+    record = admin.audit()[-1]
+    assert record["result"] == "refused"
+    assert record["command"] == "no\ufffdsuch\ufffdcommand"

@@ -128,6 +128,7 @@ _DISCO_INFO_NS: Final = "http://jabber.org/protocol/disco#info"
 _VCARD_NS: Final = "vcard-temp"
 _PRIVATE_NS: Final = "jabber:iq:private"
 _BLOCKING_NS: Final = "urn:xmpp:blocking"
+_ACCESS_NS: Final = "urn:villaged:access:0"
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -808,6 +809,13 @@ class _Session:
         blocklist = _query(result, f"{{{_BLOCKING_NS}}}blocklist")
         return tuple(item.get("jid", "") for item in blocklist.findall(f"{{{_BLOCKING_NS}}}item"))
 
+    async def access_list(self) -> tuple[dict[str, str], ...]:
+        """villaged's access transparency: operator accesses to our own data."""
+        self._require_live()
+        result = await self._iq("get", ET.Element(f"{{{_ACCESS_NS}}}accesses"))
+        listing = _query(result, f"{{{_ACCESS_NS}}}accesses")
+        return tuple(dict(a.attrib) for a in listing.findall(f"{{{_ACCESS_NS}}}access"))
+
     async def block(self, jids: tuple[str, ...]) -> None:
         self._require_live()
         await self._reply(self._xmpp.plugin["xep_0191"].block([slixmpp.JID(j) for j in jids]))
@@ -1085,6 +1093,10 @@ class XmppTestClient:
         """XEP-0191: the JIDs we block (the server pushes changes to us from then on)."""
         return self._wait(self._submit(lambda s: s.get_blocklist()), timeout, "get_blocklist")
 
+    def access_list(self, timeout: float = DEFAULT_TIMEOUT_S) -> tuple[dict[str, str], ...]:
+        """Operator accesses to our data, as the server's audit log records them."""
+        return self._wait(self._submit(lambda s: s.access_list()), timeout, "access_list")
+
     def block(self, *jids: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         """XEP-0191: block these JIDs."""
         self._wait(self._submit(lambda s: s.block(jids)), timeout, "block")
@@ -1260,6 +1272,9 @@ class TrioXmppClient:
 
     async def get_blocklist(self) -> tuple[str, ...]:
         return await self._run(lambda s: s.get_blocklist())
+
+    async def access_list(self) -> tuple[dict[str, str], ...]:
+        return await self._run(lambda s: s.access_list())
 
     async def block(self, *jids: str) -> None:
         await self._run(lambda s: s.block(jids))

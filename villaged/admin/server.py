@@ -29,6 +29,7 @@ import socket
 import stat
 import struct
 import time
+import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -280,7 +281,14 @@ class AdminConnection:
             "command": command,
             "result": result,
         }
-        entry.update({k: v for k, v in fields.items() if v is not None})
+        entry.update(
+            {
+                k: _printable(v) if isinstance(v, str) else v
+                for k, v in fields.items()
+                if v is not None
+            }
+        )
+        entry["command"] = _printable(command) or "?"
         await self.ctx.record(entry)
 
     # ----- commands ------------------------------------------------------------------------
@@ -590,6 +598,15 @@ def _jid(value: object) -> JID | None:
         return JID.parse(value)
     except JIDError:
         return None
+
+
+def _printable(text: str) -> str:
+    """What a client sent, fit for an audit record: control, format and surrogate characters
+    (which the log refuses) become U+FFFD, so a hostile request is recorded, not lost."""
+    return "".join(
+        "\N{REPLACEMENT CHARACTER}" if unicodedata.category(c)[0] == "C" and c != "\n" else c
+        for c in text
+    )
 
 
 def _digest(data: object) -> str:
