@@ -3,7 +3,10 @@ the `villaged admin` client code, TOTP codes from the enrolled secret, the real 
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +21,7 @@ from villaged.admin.audit import verify_log
 from villaged.admin.client import AdminCommandError, _Session, run_command
 from villaged.admin.operators import OperatorStore
 from villaged.admin.transparency import NS_ACCESS
+from villaged.cli import main
 from villaged.storage import crypto
 
 if TYPE_CHECKING:
@@ -232,3 +236,18 @@ async def test_hostile_text_in_a_request_is_recorded_not_lost(admin: Admin) -> N
     record = admin.audit()[-1]
     assert record["result"] == "refused"
     assert record["command"] == "no\ufffdsuch\ufffdcommand"
+
+
+async def test_the_admin_command_line_with_codes_on_stdin(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = admin.operator.code()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(code + "\n"))
+    config = str(admin.running.config.source)
+    status = ["admin", "-c", config, "--totp-stdin", "status"]
+    assert await trio.to_thread.run_sync(main, status) == 0
+    assert json.loads(capsys.readouterr().out)["domain"] == "localhost"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(code + "\n"))  # the same step again
+    with pytest.raises(SystemExit):
+        await trio.to_thread.run_sync(main, status)
+    assert "villaged: error: replayed" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import getpass
 import json
 import socket
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -30,7 +31,6 @@ from villaged.config import load_config
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Iterator
-    from pathlib import Path
 
 TIMEOUT_S: Final = 60.0
 
@@ -84,7 +84,7 @@ def add_parser(
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(Path(args.config))
     op, op_args, fresh = _request_of(args)
     codes = _stdin_codes() if args.totp_stdin else _prompted_codes()
     result = trio.run(run_command, config.admin.socket, op, op_args, codes, fresh)
