@@ -20,6 +20,7 @@ import trio
 
 from villaged import __version__
 from villaged.admin.node import kicker, open_admin, serve_operator_access
+from villaged.admin.operators import OperatorError
 from villaged.im import private, server_info, stream_management, vcard
 from villaged.im.blocking import Blocking
 from villaged.im.context import ImContext
@@ -35,6 +36,7 @@ from villaged.net.http import Response, serve_http
 from villaged.net.tls import ALPN_XMPP_CLIENT, ServerTlsSpec, TlsConfigError, TlsContextHolder
 from villaged.net.websocket import ALPN_HTTP_1_1, WebSocketSettings, serve_websocket
 from villaged.ops.sdnotify import notify
+from villaged.storage.errors import StorageError
 from villaged.storage.store import Store, StoreOptions
 
 if TYPE_CHECKING:
@@ -139,6 +141,8 @@ async def run_node(
                     serving.cancel_scope.cancel()
             finally:
                 store.log.close()
+                if node.admin is not None:
+                    node.admin.audit.close()  # after every admin connection has ended
     finally:
         store.close()
         log.info("node stopped", extra={"event": "node.stopped"})
@@ -197,7 +201,7 @@ async def _open_operator_access(node: Node, views: FeatureViews) -> AdminContext
                 node.c2s.handlers,
             )
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StorageError, OperatorError) as exc:
         raise StartupError(f"operator access (the [admin] section): {exc}") from exc
     admin.kick = kicker(node.sessions)
     return admin

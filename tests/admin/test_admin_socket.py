@@ -16,13 +16,15 @@ import trio
 
 from tests.net.rawclient import RawClient
 from tests.nodes import RunningNode, start_node
+from villaged.admin import node as admin_node
 from villaged.admin import server as admin_server
-from villaged.admin.audit import verify_log
+from villaged.admin.audit import AuditLog, verify_log
 from villaged.admin.client import AdminCommandError, _Session, run_command
 from villaged.admin.operators import OperatorStore
 from villaged.admin.transparency import NS_ACCESS
 from villaged.cli import main
 from villaged.storage import crypto
+from villaged.xmpp.jid import JID
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -251,3 +253,130 @@ async def test_the_admin_command_line_with_codes_on_stdin(
     with pytest.raises(SystemExit):
         await trio.to_thread.run_sync(main, status)
     assert "villaged: error: replayed" in capsys.readouterr().err
+
+
+async def open_session(admin: Admin) -> tuple[trio.SocketStream, _Session]:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.connect(str(admin.socket))
+    stream = trio.SocketStream(sock)
+    session = _Session(stream)
+    await session.call("login", {"totp": admin.operator.code()})
+    return stream, session
+
+
+async def test_a_grant_the_audit_log_did_not_record_is_never_in_effect(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert admin.running.node.admin is not None
+    audit = admin.running.node.admin.audit
+    real_append = audit.append
+
+    def refuse_grants(record: Any) -> int:
+        if record.get("command") == "grant.request" and record.get("result") == "ok":
+            raise OSError(28, "No space left on device")
+        return real_append(record)
+
+    monkeypatch.setattr(audit, "append", refuse_grants)
+    assert (
+        await admin.refused(
+            "grant.request", jid=ALICE, reason="legal-request", justification=WHY, ticket="L-1"
+        )
+        == "audit-unavailable"
+    )
+    assert await admin.run("grant.list") == []
+
+
+async def test_a_grant_without_a_signed_checkpoint_is_withdrawn(
+    admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert admin.running.node.admin is not None
+    audit = admin.running.node.admin.audit
+
+    def cannot_sign() -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit, "checkpoint", cannot_sign)
+    assert (
+        await admin.refused(
+            "grant.request", jid=ALICE, reason="legal-request", justification=WHY, ticket="L-2"
+        )
+        == "audit-unavailable"
+    )
+    assert await admin.run("grant.list") == []
+    assert admin.audit()[-3]["command"] == "grant.withdraw"
+
+
+async def test_inspection_filters_are_checked_and_applied(admin: Admin) -> None:
+    running = admin.running
+    alice = await RawClient.connect(running.c2s, running.ca_file)
+    await alice.login("alice", "alice-password", resource="r")
+    for to, body in (("bob@localhost", "to bob"), ("carol@localhost", "to carol")):
+        await alice.send(f"<message to='{to}' type='chat'><body>{body}</body></message>".encode())
+    await alice.send(b"<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>")
+    while (await alice.element()).get("id") != "p":
+        pass
+    await alice.aclose()
+    grant = await admin.grant()
+    args = {"what": "messages", "jid": ALICE, "grant": grant}
+    everything = await admin.run("inspect", **args)
+    assert len(everything["messages"]) == 2
+    assert not everything["truncated"]
+    only_bob = await admin.run("inspect", **args, **{"with": "bob@localhost"})
+    assert [m["with"] for m in only_bob["messages"]] == ["bob@localhost"]
+    assert await admin.refused("inspect", **args, **{"with": "bob@@localhost"}) == "bad-request"
+    assert await admin.refused("inspect", **args, since="yesterday") == "bad-request"
+    later = await admin.run("inspect", **args, since="2999-01-01T00:00:00Z")
+    assert later["messages"] == []
+
+
+async def test_long_text_in_a_refusal_is_recorded_cut_short(admin: Admin) -> None:
+    grant = await admin.grant()
+    far = "x" * 1000 + "@localhost"
+    assert await admin.refused("inspect", what="roster", jid=far, grant=grant) == "out-of-scope"
+    assert len(admin.audit()[-1]["error"]) <= 1000
+
+
+async def test_too_many_refusals_close_the_connection_and_removal_takes_effect(
+    admin: Admin,
+) -> None:
+    stream, session = await open_session(admin)
+    async with stream:
+        for _ in range(9):
+            with pytest.raises(AdminCommandError, match="unknown-command"):
+                await session.call("nope", {})
+        with pytest.raises(AdminCommandError, match="unknown-command"):
+            await session.call("nope", {})
+        with pytest.raises(AdminCommandError):  # the tenth refusal was the last answer
+            await session.call("status", {})
+    stream, session = await open_session(admin)
+    async with stream:
+        assert admin.running.node.admin is not None
+        admin.running.node.admin.operators.store.disable("ops1")  # type: ignore[attr-defined]
+        with pytest.raises(AdminCommandError, match="disabled"):
+            await session.call("status", {})
+
+
+async def test_a_stream_that_authenticated_before_a_disable_cannot_bind(admin: Admin) -> None:
+    running = admin.running
+    alice = await RawClient.connect(running.c2s, running.ca_file)
+    await alice.login("alice", "alice-password", bind=False)
+    await admin.run("user.disable", jid=ALICE)
+    await alice.send(b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+    assert await alice.stream_error() == "not-authorized"
+    assert running.node.sessions.of_user(JID("alice", "localhost")) == []
+    await alice.aclose()
+
+
+def test_the_access_list_cannot_be_crowded_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin_node, "MAX_ACCESS_RECORDS", 3)
+    log = AuditLog.open(tmp_path / "audit", "villaged-audit/localhost")
+    base = {"t": "2026-11-29T18:00:00.000Z", "kind": "command", "operator": "ops1"}
+    log.append({**base, "command": "inspect.messages", "result": "ok", "scope": ALICE})
+    for _ in range(20):  # records about alice that are not accesses
+        log.append({**base, "command": "kick", "result": "ok", "scope": ALICE})
+    log.append({**base, "command": "inspect.roster", "result": "refused", "scope": ALICE})
+    accesses = admin_node.AuditAdapter(log).accesses_to(ALICE)
+    assert [r["command"] for r in accesses] == ["inspect.messages"]
+    log.close()

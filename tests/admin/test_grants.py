@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from villaged.admin.grants import REASON_CODES, GrantBook, GrantError
+from villaged.admin.grants import REASON_CODES, Grant, GrantBook, GrantError
 
 ALICE = "alice@example.org"
 JUSTIFICATION = "user reported account takeover via ticket"
+
+
+def _request(grants: GrantBook, *args: Any, **kwargs: Any) -> Grant:
+    grant = grants.prepare(*args, **kwargs)
+    grants.add(grant)
+    return grant
 
 
 def book(*, two_person: bool = False) -> GrantBook:
@@ -23,7 +31,8 @@ def refusal(call: object) -> str:
 
 def test_a_grant_is_for_one_user_one_operator_and_expires() -> None:
     grants = book()
-    grant = grants.request(
+    grant = _request(
+        grants,
         "ops1",
         ALICE,
         reason="user-support-request",
@@ -59,8 +68,14 @@ def test_requests_need_a_listed_reason_a_real_justification_and_a_ticket(
     grants = book()
     assert (
         refusal(
-            lambda: grants.request(
-                "ops1", ALICE, reason=reason, justification=justification, ticket=ticket, now=0.0
+            lambda: _request(
+                grants,
+                "ops1",
+                ALICE,
+                reason=reason,
+                justification=justification,
+                ticket=ticket,
+                now=0.0,
             )
         )
         == code
@@ -70,8 +85,14 @@ def test_requests_need_a_listed_reason_a_real_justification_and_a_ticket(
 
 def test_the_two_person_rule_needs_another_operator() -> None:
     grants = book(two_person=True)
-    grant = grants.request(
-        "ops1", ALICE, reason=REASON_CODES[1], justification=JUSTIFICATION, ticket="T", now=0.0
+    grant = _request(
+        grants,
+        "ops1",
+        ALICE,
+        reason=REASON_CODES[1],
+        justification=JUSTIFICATION,
+        ticket="T",
+        now=0.0,
     )
     assert grant.pending
     assert refusal(lambda: grants.use(grant.id, "ops1", ALICE, 1.0)) == "pending"
@@ -84,8 +105,14 @@ def test_the_two_person_rule_needs_another_operator() -> None:
 
 def test_revoke_and_listing() -> None:
     grants = book()
-    grant = grants.request(
-        "ops1", ALICE, reason=REASON_CODES[0], justification=JUSTIFICATION, ticket="T", now=0.0
+    grant = _request(
+        grants,
+        "ops1",
+        ALICE,
+        reason=REASON_CODES[0],
+        justification=JUSTIFICATION,
+        ticket="T",
+        now=0.0,
     )
     assert [g.id for g in grants.open_grants(1.0)] == [grant.id]
     assert grant.describe(60.0)["expires_in_s"] == 15 * 60 - 60

@@ -80,7 +80,9 @@ def add_parser(
         p.add_argument("--grant", required=True, metavar="ID")
         if what == "messages":
             p.add_argument("--with", dest="with_jid", metavar="JID")
-            p.add_argument("--since", metavar="TIME", help="XEP-0082 time, e.g. 2026-11-29T00:00Z")
+            p.add_argument(
+                "--since", metavar="TIME", help="XEP-0082 time, e.g. 2026-11-29T00:00:00Z"
+            )
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
@@ -138,22 +140,26 @@ def _prompted_codes() -> Iterator[str]:
 async def run_command(
     socket_path: Path, op: str, args: dict[str, Any], codes: Iterator[str], fresh: bool
 ) -> Any:
-    """Log in, run ``op``, return its result; AdminCommandError on any refusal."""
-    with trio.fail_after(TIMEOUT_S):
-        try:
+    """Log in, run ``op``, return its result; AdminCommandError on any refusal. Each exchange
+    with the node is bounded by `TIMEOUT_S`; waiting for the operator's codes is not."""
+    login_code = next(codes)
+    try:
+        with trio.fail_after(TIMEOUT_S):
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             await sock.connect(str(socket_path))
-        except OSError as exc:
-            raise AdminCommandError(
-                f"cannot reach the admin socket {socket_path}: {exc.strerror or exc}"
-                " (is the node running, and are you in its operators' group?)"
-            ) from None
-        async with trio.SocketStream(sock) as stream:
-            session = _Session(stream)
-            await session.call("login", {"totp": next(codes)})
-            if fresh:
-                args = {**args, "totp": next(codes)}
-            return await session.call(op, args)
+    except OSError as exc:
+        raise AdminCommandError(
+            f"cannot reach the admin socket {socket_path}: {exc.strerror or exc}"
+            " (is the node running, and are you in its operators' group?)"
+        ) from None
+    except trio.TooSlowError:
+        raise AdminCommandError(f"the admin socket {socket_path} does not answer") from None
+    async with trio.SocketStream(sock) as stream:
+        session = _Session(stream)
+        await session.call("login", {"totp": login_code})
+        if fresh:
+            args = {**args, "totp": next(codes)}
+        return await session.call(op, args)
 
 
 class _Session:
@@ -162,18 +168,26 @@ class _Session:
         self.reader = FrameReader(MAX_RESPONSE_BYTES)
 
     async def call(self, op: str, args: dict[str, Any]) -> Any:
+        try:
+            with trio.fail_after(TIMEOUT_S):
+                answer = await self._exchange(op, args)
+        except trio.TooSlowError:
+            raise AdminCommandError(f"no answer to {op} within {TIMEOUT_S:.0f} s") from None
+        except ProtocolError as exc:
+            raise AdminCommandError(f"the node answered garbage: {exc}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise AdminCommandError("the node closed the connection") from None
+        if not answer.get("ok"):
+            raise AdminCommandError(f"{answer.get('code')}: {answer.get('error')}")
+        return answer.get("result")
+
+    async def _exchange(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         await self.stream.send_all(encode_frame(request(op, **args)))
         while True:
-            try:
-                answer = self.reader.next_message()
-            except ProtocolError as exc:
-                raise AdminCommandError(f"the node answered garbage: {exc}") from None
+            answer = self.reader.next_message()
             if answer is not None:
-                break
+                return answer
             data = await self.stream.receive_some(64 * 1024)
             if not data:
                 raise AdminCommandError("the node closed the connection")
             self.reader.receive_data(data)
-        if not answer.get("ok"):
-            raise AdminCommandError(f"{answer.get('code')}: {answer.get('error')}")
-        return answer.get("result")

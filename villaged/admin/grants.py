@@ -67,7 +67,7 @@ class GrantBook:
         self.two_person_rule = two_person_rule
         self._grants: dict[str, Grant] = {}
 
-    def request(
+    def prepare(
         self,
         operator: str,
         user: str,
@@ -77,7 +77,8 @@ class GrantBook:
         ticket: str,
         now: float,
     ) -> Grant:
-        """A new grant (pending under the two-person rule); GrantError says what is wrong."""
+        """A new grant (pending under the two-person rule), not yet in effect: `add` it once
+        its audit record is durable. GrantError says what is wrong with the request."""
         if reason not in REASON_CODES:
             raise GrantError(
                 "bad-reason", f"unknown reason code {reason[:40]!r}; use one of {REASON_CODES}"
@@ -98,7 +99,7 @@ class GrantBook:
         self._expire(now)
         if len(self._grants) >= MAX_OPEN_GRANTS:
             raise GrantError("too-many-grants", "too many grants are open")
-        grant = Grant(
+        return Grant(
             id=secrets.token_hex(8),
             operator=operator,
             user=user,
@@ -109,10 +110,12 @@ class GrantBook:
             expires=now + self.lifetime,
             pending=self.two_person_rule,
         )
-        self._grants[grant.id] = grant
-        return grant
 
-    def approve(self, grant_id: str, approver: str, now: float) -> Grant:
+    def add(self, grant: Grant) -> None:
+        self._grants[grant.id] = grant
+
+    def check_approval(self, grant_id: str, approver: str, now: float) -> Grant:
+        """The pending grant ``approver`` may approve (nothing changes until `approve`)."""
         grant = self._find(grant_id, now)
         if not grant.pending:
             raise GrantError("not-pending", f"grant {grant_id} needs no approval")
@@ -120,9 +123,16 @@ class GrantBook:
             raise GrantError(
                 "self-approval", "the two-person rule needs a different operator to approve"
             )
+        return grant
+
+    def approve(self, grant_id: str, approver: str, now: float) -> Grant:
+        grant = self.check_approval(grant_id, approver, now)
         grant.pending = False
         grant.approved_by = approver
         return grant
+
+    def remove(self, grant_id: str) -> None:
+        self._grants.pop(grant_id, None)
 
     def use(self, grant_id: str, operator: str, user: str, now: float) -> Grant:
         """The open grant that lets ``operator`` read ``user``'s data now."""

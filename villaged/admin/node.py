@@ -5,6 +5,7 @@ users' access-transparency queries."""
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,11 @@ class OperatorsAdapter:
     def name_of_uid(self, uid: int) -> str | None:
         info = self.store.by_uid(uid)
         return info.name if info is not None else None
+
+    def active(self, name: str, uid: int) -> bool:
+        """Still enrolled under this uid, and enabled (checked before every command)."""
+        info = self.store.by_uid(uid)
+        return info is not None and info.name == name and info.enabled
 
     def login(self, name: str, code: str, now: float) -> tuple[bool, str]:
         return _outcome(
@@ -85,9 +91,16 @@ class AuditAdapter:
         return self.log.checkpoint()
 
     def accesses_to(self, user: str) -> list[dict[str, Any]]:
-        return [r for r in self.log.records_about(user) if transparency.is_access(r, user)][
-            -MAX_ACCESS_RECORDS:
-        ]
+        # Filtered while scanning, so records about the user that are not accesses (kicks,
+        # refusals) can never push real accesses out of the list.
+        found: deque[dict[str, Any]] = deque(maxlen=MAX_ACCESS_RECORDS)
+        for record in self.log.records():
+            if transparency.is_access(record, user):
+                found.append(record)
+        return list(found)
+
+    def close(self) -> None:
+        self.log.close()
 
 
 def open_admin(
@@ -119,8 +132,9 @@ def open_admin(
     )
 
     async def accesses_to(user: str) -> list[dict[str, Any]]:
-        async with ctx.audit_lock:
-            return await trio.to_thread.run_sync(audit.accesses_to, user)
+        # Reading needs no lock (appends never change what is already written), so users'
+        # queries never hold up an operator's audit write.
+        return await trio.to_thread.run_sync(audit.accesses_to, user)
 
     transparency.register(handlers, accesses_to)
     handlers.account_features.add(transparency.NS_ACCESS)

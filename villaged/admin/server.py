@@ -41,7 +41,7 @@ import trio
 
 from villaged import __version__
 from villaged.admin.account_status import STATUS_RECORD
-from villaged.admin.grants import GrantBook, GrantError
+from villaged.admin.grants import Grant, GrantBook, GrantError
 from villaged.admin.protocol import (
     MAX_REQUEST_BYTES,
     FrameReader,
@@ -51,7 +51,7 @@ from villaged.admin.protocol import (
     refused,
 )
 from villaged.im.mam import PAYLOAD_RECORD, format_stamp, parse_stamp, unpack_stanza, unpack_with
-from villaged.storage.errors import DecryptError, ShreddedError
+from villaged.storage.errors import DecryptError, KeyManagementError, ShreddedError
 from villaged.storage.records import Record
 from villaged.storage.state import StateError
 from villaged.xmpp import xml
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
     from pathlib import Path
 
+    from villaged.im.mam import ArchivedMessage
     from villaged.im.messages import MessageStoreView
     from villaged.im.roster import RosterView
     from villaged.im.sessions import SessionRegistry
@@ -74,6 +75,12 @@ WRITE_TIMEOUT_S: Final = 30.0
 MAX_INSPECT_MESSAGES: Final = 500
 READ_CHUNK: Final = 16 * 1024
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+MAX_CONNECTIONS: Final = 64
+MAX_PER_UID: Final = 8
+MAX_REFUSALS: Final = 10  # refused requests on one connection before it is closed
+MAX_INSPECT_BYTES: Final = 16 * 1024 * 1024
+#: Longest text kept per audit field (the log's schema limits; longer is cut, not refused).
+_FIELD_LIMITS: Final = {"error": 1000, "justification": 2000, "ticket": 200, "scope": 3071}
 
 
 def wall_clock() -> float:
@@ -85,6 +92,8 @@ class Operators(Protocol):
     """What the server needs of the operator store (villaged.admin.operators)."""
 
     def name_of_uid(self, uid: int) -> str | None: ...
+
+    def active(self, name: str, uid: int) -> bool: ...
 
     def login(self, name: str, code: str, now: float) -> tuple[bool, str]: ...
 
@@ -99,6 +108,8 @@ class Audit(Protocol):
     def checkpoint(self) -> str: ...
 
     def accesses_to(self, user: str) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
 
 
 class AuditUnavailableError(Exception):
@@ -120,6 +131,8 @@ class AdminContext:
     started: float = field(default_factory=time.monotonic)
     # One audit write at a time, in order (the log is append-only; threads would race).
     audit_lock: trio.Lock = field(default_factory=trio.Lock)
+    connections: int = 0
+    per_uid: dict[int, int] = field(default_factory=dict)
 
     async def record(self, entry: Mapping[str, Any]) -> None:
         async with self.audit_lock:
@@ -134,7 +147,10 @@ class AdminContext:
 
     async def checkpoint(self) -> None:
         async with self.audit_lock:
-            await trio.to_thread.run_sync(self.audit.checkpoint)
+            try:
+                await trio.to_thread.run_sync(self.audit.checkpoint)
+            except Exception as exc:
+                raise AuditUnavailableError(f"checkpoint: {exc}") from exc
 
 
 async def serve_admin(
@@ -154,9 +170,12 @@ async def serve_admin(
             await sock.bind(str(path))
         finally:
             os.umask(old_umask)
-        os.chmod(path, 0o660)
         if group:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise OSError(f"no group {group!r} on this system") from None
+            os.chown(path, -1, gid, follow_symlinks=False)
         sock.listen(16)
         listener = trio.SocketListener(sock)
         log.info("admin socket listening", extra={"event": "admin.listening", "path": str(path)})
@@ -202,6 +221,29 @@ class AdminConnection:
         self.logged_in = False
 
     async def run(self) -> None:
+        ctx = self.ctx
+        if ctx.connections >= MAX_CONNECTIONS or ctx.per_uid.get(self.uid, 0) >= MAX_PER_UID:
+            log.warning(
+                "too many admin connections",
+                extra={"event": "admin.too_many_connections", "uid": self.uid, "security": True},
+            )
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await self.stream.aclose()
+            return
+        ctx.connections += 1
+        ctx.per_uid[self.uid] = ctx.per_uid.get(self.uid, 0) + 1
+        try:
+            await self._run()
+        finally:
+            ctx.connections -= 1
+            left = ctx.per_uid[self.uid] - 1
+            if left:
+                ctx.per_uid[self.uid] = left
+            else:
+                del ctx.per_uid[self.uid]
+
+    async def _run(self) -> None:
         async with self.stream:
             self.operator = await trio.to_thread.run_sync(self.ctx.operators.name_of_uid, self.uid)
             if self.operator is None:
@@ -213,17 +255,29 @@ class AdminConnection:
                     await self._audit("connect", "refused", error="unknown uid")
                 await self._send(refused("unknown-uid", f"uid {self.uid} is not an operator"))
                 return
-            while True:
-                timeout = IDLE_TIMEOUT_S if self.logged_in else LOGIN_TIMEOUT_S
-                with trio.move_on_after(timeout):
+            login_deadline = trio.current_time() + LOGIN_TIMEOUT_S  # from connect, not re-armed
+            refusals = 0
+            while refusals < MAX_REFUSALS:
+                deadline = (
+                    trio.current_time() + IDLE_TIMEOUT_S if self.logged_in else login_deadline
+                )
+                message: dict[str, Any] | None = None
+                with trio.move_on_at(deadline):
                     message = await self._receive()
                     if message is None:
                         return
+                if message is None:
+                    await self._send(refused("timeout", "no request in time; closing"))
+                    return
+                # Once read, a request runs to the end: a grant is either on record and in
+                # effect or neither, whatever happens to the connection meanwhile.
+                with trio.CancelScope(shield=True):
                     answer = await self._answer(message)
-                    await self._send(answer)
-                    continue
-                await self._send(refused("timeout", "no request in time; closing"))
-                return
+                if not answer.get("ok"):
+                    refusals += 1
+                if not await self._send(answer):
+                    return
+            await self._send(refused("too-many-refusals", "too many refused requests; closing"))
 
     async def _receive(self) -> dict[str, Any] | None:
         while True:
@@ -246,30 +300,49 @@ class AdminConnection:
                 await self._send(refused("protocol", str(exc)))
                 return None
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        with (
-            trio.move_on_after(WRITE_TIMEOUT_S),
-            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-        ):
-            await self.stream.send_all(encode_frame(message))
+    async def _send(self, message: dict[str, Any]) -> bool:
+        """False if the answer could not be written whole (the connection is then closed)."""
+        with trio.move_on_after(WRITE_TIMEOUT_S):
+            try:
+                await self.stream.send_all(encode_frame(message))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            return True
+        return False
 
     # ----- requests ------------------------------------------------------------------------
 
     async def _answer(self, message: dict[str, Any]) -> dict[str, Any]:
         op, args = message.get("op"), message.get("args", {})
-        if not isinstance(op, str) or not isinstance(args, dict):
-            return refused("bad-request", "a request is {op: str, args: map}")
-        command = COMMANDS.get(op)
         try:
+            if not isinstance(op, str) or not isinstance(args, dict):
+                await self._audit("?", "refused", error="malformed request")
+                return refused("bad-request", "a request is {op: str, args: map}")
+            command = COMMANDS.get(op)
             if command is None:
                 await self._audit(op[:40], "refused", error="unknown command")
                 return refused("unknown-command", f"no command {op[:40]!r}")
-            if op != "login" and not self.logged_in:
-                await self._audit(op, "refused", error="not logged in")
-                return refused("login-required", "log in with a TOTP code first")
+            if op != "login":
+                if not self.logged_in:
+                    await self._audit(op, "refused", error="not logged in")
+                    return refused("login-required", "log in with a TOTP code first")
+                if not await self._still_an_operator():
+                    self.logged_in = False
+                    await self._audit(op, "refused", error="operator disabled or removed")
+                    return refused("disabled", "this operator was disabled or removed")
             return await command(self, args)
         except AuditUnavailableError as exc:
             return refused("audit-unavailable", f"the audit log cannot be written ({exc})")
+        except Exception as exc:  # a failure (a bug, a storage error): recorded, answered
+            log.exception("admin command failed", extra={"event": "admin.command_failed"})
+            with contextlib.suppress(AuditUnavailableError):
+                await self._audit(str(op)[:40] or "?", "error", error=type(exc).__name__)
+            return refused("internal-error", f"the command failed ({type(exc).__name__})")
+
+    async def _still_an_operator(self) -> bool:
+        """Disabling or removing an operator also ends what their open connections may do."""
+        assert self.operator is not None
+        return await trio.to_thread.run_sync(self.ctx.operators.active, self.operator, self.uid)
 
     async def _audit(self, command: str, result: str, **fields: Any) -> None:
         entry: dict[str, Any] = {
@@ -283,7 +356,7 @@ class AdminConnection:
         }
         entry.update(
             {
-                k: _printable(v) if isinstance(v, str) else v
+                k: _printable(v)[: _FIELD_LIMITS.get(k, 64)] if isinstance(v, str) else v
                 for k, v in fields.items()
                 if v is not None
             }
@@ -367,22 +440,14 @@ class AdminConnection:
         reason = str(args.get("reason", ""))
         justification = str(args.get("justification", ""))
         ticket = str(args.get("ticket", ""))
-        fields = {
-            "scope": str(user) if user else None,
-            "reason": reason[:64],
-            "ticket": ticket[:200],
-        }
+        fields = {"scope": str(user) if user else None, "reason": reason, "ticket": ticket}
         if user is None or user.resource or user.domain != self.ctx.domain or not user.local:
             await self._audit("grant.request", "refused", error="bad scope", **fields)
             return refused(
                 "bad-scope", f"a grant covers one local account (user@{self.ctx.domain})"
             )
-        confirmed, why = await self._fresh_totp(args)
-        if not confirmed:
-            await self._audit("grant.request", "refused", error=f"totp: {why}", **fields)
-            return refused(why, f"a grant needs a fresh TOTP code: {why}")
-        try:
-            grant = self.ctx.grants.request(
+        try:  # the request is checked before a TOTP step is spent on it
+            grant = self.ctx.grants.prepare(
                 self.operator,
                 str(user),
                 reason=reason,
@@ -393,6 +458,11 @@ class AdminConnection:
         except GrantError as exc:
             await self._audit("grant.request", "refused", error=str(exc), **fields)
             return refused(exc.code, str(exc))
+        confirmed, why = await self._fresh_totp(args)
+        if not confirmed:
+            await self._audit("grant.request", "refused", error=f"totp: {why}", **fields)
+            return refused(why, f"a grant needs a fresh TOTP code: {why}")
+        # On record first; only then in effect (an audit failure leaves no grant behind).
         await self._audit(
             "grant.request",
             "pending" if grant.pending else "ok",
@@ -400,26 +470,40 @@ class AdminConnection:
             justification=grant.justification,
             **fields,
         )
+        self.ctx.grants.add(grant)
         if not grant.pending:
-            await self._grant_opened(grant.id, str(user), reason, ticket)
+            failure = await self._grant_opened(grant)
+            if failure is not None:
+                return failure
         return ok(grant.describe(time.monotonic()))
 
     async def grant_approve(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.operator is not None
-        grant_id = str(args.get("grant", ""))[:64]
+        grant_id = str(args.get("grant", ""))
+        try:
+            grant = self.ctx.grants.check_approval(grant_id, self.operator, time.monotonic())
+        except GrantError as exc:
+            await self._audit("grant.approve", "refused", grant=grant_id, error=str(exc))
+            return refused(exc.code, str(exc))
         confirmed, why = await self._fresh_totp(args)
         if not confirmed:
             await self._audit("grant.approve", "refused", grant=grant_id, error=f"totp: {why}")
             return refused(why, f"an approval needs a fresh TOTP code: {why}")
+        await self._audit(
+            "grant.approve",
+            "ok",
+            grant=grant.id,
+            scope=grant.user,
+            reason=grant.reason,
+            ticket=grant.ticket,
+        )
         try:
             grant = self.ctx.grants.approve(grant_id, self.operator, time.monotonic())
-        except GrantError as exc:
-            await self._audit("grant.approve", "refused", grant=grant_id, error=str(exc))
+        except GrantError as exc:  # it expired or was revoked while the record was written
             return refused(exc.code, str(exc))
-        await self._audit(
-            "grant.approve", "ok", grant=grant.id, scope=grant.user, reason=grant.reason
-        )
-        await self._grant_opened(grant.id, grant.user, grant.reason, grant.ticket)
+        failure = await self._grant_opened(grant)
+        if failure is not None:
+            return failure
         return ok(grant.describe(time.monotonic()))
 
     async def grant_list(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -449,6 +533,16 @@ class AdminConnection:
             await self._audit(command, "refused", error="bad request")
             return refused("bad-request", "inspect messages|roster|account needs a valid 'jid'")
         user = user.bare
+        with_text, since_text = str(args.get("with") or ""), str(args.get("since") or "")
+        with_jid = _jid(with_text) if with_text else None
+        since: int | None = None
+        try:
+            if with_text and with_jid is None:
+                raise ValueError(f"'with' is not a JID: {with_text[:80]!r}")
+            since = parse_stamp(since_text) if since_text else None
+        except ValueError as exc:  # never a silently wider read than was asked for
+            await self._audit(command, "refused", scope=str(user), error=str(exc))
+            return refused("bad-request", str(exc))
         try:
             grant = self.ctx.grants.use(grant_id, self.operator, str(user), time.monotonic())
         except GrantError as exc:
@@ -456,7 +550,11 @@ class AdminConnection:
             return refused(exc.code, f"no inspection without a grant: {exc}")
         result: object
         if what == "messages":
-            result = self._messages(str(user), args)
+            archive = self.ctx.messages.archives.of(str(user))
+            entries = list(archive.entries) if archive is not None else []  # as of now
+            result = await trio.to_thread.run_sync(
+                self._messages, str(user), entries, with_jid, since
+            )
         elif what == "roster":
             result = self._roster(str(user))
         else:
@@ -484,18 +582,28 @@ class AdminConnection:
             self.ctx.operators.confirm, self.operator, code, wall_clock()
         )
 
-    async def _grant_opened(self, grant_id: str, user: str, reason: str, ticket: str) -> None:
+    async def _grant_opened(self, grant: Grant) -> dict[str, Any] | None:
+        """A grant is in effect: sign a checkpoint covering it and tell the user. If the
+        checkpoint cannot be written, the grant is withdrawn and the refusal returned."""
+        try:
+            await self.ctx.checkpoint()  # a signed statement covering the grant, at once
+        except AuditUnavailableError as exc:
+            self.ctx.grants.remove(grant.id)
+            with contextlib.suppress(AuditUnavailableError):
+                await self._audit(
+                    "grant.withdraw", "error", grant=grant.id, scope=grant.user, error=str(exc)
+                )
+            return refused("audit-unavailable", f"no signed checkpoint, no grant ({exc})")
         log.warning(
             "inspection grant opened",
             extra={
                 "event": "admin.grant_opened",
-                "operator": self.operator,
-                "user": user,
-                "reason": reason,
+                "operator": grant.operator,
+                "user": grant.user,
+                "reason": grant.reason,
                 "security": True,
             },
         )
-        await self.ctx.checkpoint()  # a signed statement covering the grant, at once
         if self.ctx.notify_users:
             notice = ET.Element(
                 "{jabber:client}message", {"type": "headline", "from": self.ctx.domain}
@@ -503,23 +611,29 @@ class AdminConnection:
             ET.SubElement(notice, "{jabber:client}subject").text = "Operator access to your data"
             ET.SubElement(notice, "{jabber:client}body").text = (
                 f"An operator of {self.ctx.domain} opened access to your data "
-                f"(reason: {reason}, ticket: {ticket}). Ask the server for the list of accesses "
-                "to see every one."
+                f"(reason: {grant.reason}, ticket: {grant.ticket}). Ask the server for the list"
+                " of accesses to see every one."
             )
-            for session in self.ctx.sessions.of_user(JID.parse(user)):
+            for session in self.ctx.sessions.of_user(JID.parse(grant.user)):
                 copy = ET.Element(notice.tag, dict(notice.attrib, to=str(session.jid)))
                 copy.extend(list(notice))
                 session.send(copy)
+        return None
 
-    def _messages(self, user: str, args: dict[str, Any]) -> list[dict[str, Any]]:
-        archive = self.ctx.messages.archives.of(user)
-        if archive is None:
-            return []
-        with_jid = _jid(args.get("with"))
-        since_text = args.get("since")
-        since = parse_stamp(since_text) if isinstance(since_text, str) and since_text else None
+    def _messages(
+        self,
+        user: str,
+        entries: list[ArchivedMessage],
+        with_jid: JID | None,
+        since: int | None,
+    ) -> dict[str, Any]:
+        """The archived messages that match, oldest first, at most `MAX_INSPECT_MESSAGES` and
+        `MAX_INSPECT_BYTES` of stanzas ("truncated" says when there were more). A worker
+        thread runs this on a copy of the archive's entry list."""
         found: list[dict[str, Any]] = []
-        for entry in archive.entries:
+        size = 0
+        truncated = False
+        for entry in entries:
             if since is not None and entry.stamp < since:
                 continue
             if with_jid is not None and entry.with_bare != str(with_jid.bare):
@@ -529,8 +643,12 @@ class AdminConnection:
                 payload = self.ctx.store.unseal_body(PAYLOAD_RECORD, body)
                 stanza = xml.serialize(unpack_stanza(payload), default_ns=None).decode()
                 correspondent = unpack_with(payload)
-            except (ShreddedError, DecryptError, StateError):
+            except (ShreddedError, DecryptError, StateError, KeyManagementError):
                 stanza, correspondent = "", entry.with_full
+            size += len(stanza) + len(correspondent) + 64
+            if len(found) >= MAX_INSPECT_MESSAGES or size > MAX_INSPECT_BYTES:
+                truncated = True
+                break
             found.append(
                 {
                     "id": entry.id,
@@ -539,9 +657,7 @@ class AdminConnection:
                     "stanza": stanza,
                 }
             )
-            if len(found) >= MAX_INSPECT_MESSAGES:
-                break
-        return found
+        return {"messages": found, "truncated": truncated}
 
     def _roster(self, user: str) -> list[dict[str, Any]]:
         return [

@@ -538,6 +538,10 @@ class C2SConnection:
             self.stream.refuse_sm("item-not-found")
             _security("resumption refused", "sm.resume_failed", self)
             return
+        if self.ctx.disabled is not None and self.ctx.disabled(str(old.session.jid.bare)):
+            self.stream.refuse_sm("not-authorized")
+            self.terminate("not-authorized", "the account is disabled")
+            return
         if not old_sm.can_acknowledge(event.h):
             self.stream.refuse_sm("unexpected-request", h=old_sm.handled)
             return
@@ -754,6 +758,11 @@ class C2SConnection:
         if resource is None:
             resource = f"villaged-{os.urandom(6).hex()}"
         full = JID(bare.local, bare.domain, resource)
+        if self.ctx.disabled is not None and self.ctx.disabled(str(bare)):
+            # Disabled after this stream authenticated: it may not become a session.
+            self.stream.refuse_bind("not-authorized", "the account is disabled")
+            self.terminate("not-authorized", "the account is disabled")
+            return
         session = Session(jid=full, enqueue=self._enqueue, terminate=self.terminate)
         replaced = self.ctx.sessions.add(session)
         if replaced is not None:
