@@ -155,6 +155,9 @@ async def test_grants_scope_inspection_to_one_user(admin: Admin) -> None:
     short = await admin.grant()
     await trio.sleep(0.3)
     assert await admin.refused("inspect", what="roster", jid=ALICE, grant=short) == "expired"
+    granted = [r for r in admin.audit() if r["command"] == "grant.request" and r["result"] == "ok"]
+    assert granted[0]["expires"] > granted[0]["t"]
+    assert granted[0]["justification"] == WHY
     inspected = [r for r in admin.audit() if r["command"] == "inspect.account"]
     assert inspected[-1]["result"] == "ok"
     assert len(inspected[-1]["data_sha256"]) == 64

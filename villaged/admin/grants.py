@@ -54,6 +54,7 @@ class Grant:
             "operator": self.operator,
             "user": self.user,
             "reason": self.reason,
+            "justification": self.justification,  # what a second operator approves
             "ticket": self.ticket,
             "pending": self.pending,
             "approved_by": self.approved_by,

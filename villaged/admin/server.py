@@ -468,6 +468,7 @@ class AdminConnection:
             "pending" if grant.pending else "ok",
             grant=grant.id,
             justification=grant.justification,
+            expires=_time_text(time.time() + (grant.expires - grant.created)),
             **fields,
         )
         self.ctx.grants.add(grant)
@@ -731,4 +732,9 @@ def _digest(data: object) -> str:
 
 
 def _now_text() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _time_text(time.time())
+
+
+def _time_text(seconds: float) -> str:
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
