@@ -17,6 +17,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from villaged import __version__
 from villaged.admin.node import kicker, open_admin, serve_operator_access
@@ -35,6 +36,7 @@ from villaged.net.c2s import C2SContext, serve_c2s
 from villaged.net.http import Response, serve_http
 from villaged.net.tls import ALPN_XMPP_CLIENT, ServerTlsSpec, TlsConfigError, TlsContextHolder
 from villaged.net.websocket import ALPN_HTTP_1_1, WebSocketSettings, serve_websocket
+from villaged.ops.metrics import Metrics
 from villaged.ops.sdnotify import notify
 from villaged.storage.errors import StorageError
 from villaged.storage.store import Store, StoreOptions
@@ -48,8 +50,9 @@ log = logging.getLogger("villaged.app")
 
 @dataclass
 class NodeStatus:
-    """What /healthz and /readyz report."""
+    """What /healthz, /readyz and /metrics report."""
 
+    metrics: Metrics
     ready: bool = False
     http_ports: list[int] = field(default_factory=list)
 
@@ -62,6 +65,8 @@ class NodeStatus:
             if self.ready:
                 return 200, "text/plain", b"ready\n"
             return 503, "text/plain", b"starting\n"
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, self.metrics.render()
         return 404, "text/plain", b"not found\n"
 
 
@@ -160,6 +165,7 @@ def _tune_garbage_collector() -> None:
 def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: FeatureViews) -> Node:
     domain = config.server.domain
     sessions = SessionRegistry()
+    metrics = _node_metrics(store, sessions)
     handlers = HandlerRegistry()
     im = ImContext(domain, store, sessions, handlers)
     server_info.register(handlers)
@@ -183,8 +189,17 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
         unknown_user_secret=store.node_secret("sasl_unknown_user"),
         store_unacked=partial(stream_management.store_unacked, messages),
         disabled=views.account_status.is_disabled,
+        metrics=metrics,
     )
-    return Node(config, store, tls, sessions, c2s, NodeStatus())
+    return Node(config, store, tls, sessions, c2s, NodeStatus(metrics))
+
+
+def _node_metrics(store: Store, sessions: SessionRegistry) -> Metrics:
+    """The node's own registry, reading the session count and the log when scraped."""
+    metrics = Metrics()
+    metrics.watch(sessions=sessions.__len__, log_last_index=lambda: store.log.last_index)
+    store.log.on_batch_written = metrics.observe_batch
+    return metrics
 
 
 async def _open_operator_access(node: Node, views: FeatureViews) -> AdminContext:
@@ -204,6 +219,7 @@ async def _open_operator_access(node: Node, views: FeatureViews) -> AdminContext
     except (OSError, ValueError, StorageError, OperatorError) as exc:
         raise StartupError(f"operator access (the [admin] section): {exc}") from exc
     admin.kick = kicker(node.sessions)
+    admin.metrics = node.status.metrics
     return admin
 
 

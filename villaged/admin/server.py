@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from villaged.im.messages import MessageStoreView
     from villaged.im.roster import RosterView
     from villaged.im.sessions import SessionRegistry
+    from villaged.ops.metrics import Metrics
     from villaged.storage.store import Store
 
 log = logging.getLogger("villaged.admin.server")
@@ -133,17 +134,22 @@ class AdminContext:
     audit_lock: trio.Lock = field(default_factory=trio.Lock)
     connections: int = 0
     per_uid: dict[int, int] = field(default_factory=dict)
+    metrics: Metrics | None = None  # the node's Prometheus metrics (app.py)
 
     async def record(self, entry: Mapping[str, Any]) -> None:
         async with self.audit_lock:
             try:
                 await trio.to_thread.run_sync(self.audit.append, dict(entry))
             except Exception as exc:
+                if self.metrics is not None:
+                    self.metrics.audit_record("failure")
                 log.error(
                     "audit log unavailable",
                     extra={"event": "admin.audit_failed", "error": str(exc), "security": True},
                 )
                 raise AuditUnavailableError(str(exc)) from exc
+            if self.metrics is not None:
+                self.metrics.audit_record("success")
 
     async def checkpoint(self) -> None:
         async with self.audit_lock:

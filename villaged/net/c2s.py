@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from villaged.im.router import Router
     from villaged.im.sessions import SessionRegistry
     from villaged.net.tls import TlsContextSource
+    from villaged.ops.metrics import Metrics
     from villaged.storage.store import Store
     from villaged.xmpp.scram import ScramCredential
 
@@ -121,6 +122,8 @@ class C2SContext:
     shutting_down: bool = False
     # Whether an operator disabled the account (app.py wires the account_status view).
     disabled: Callable[[str], bool] | None = None
+    # The node's Prometheus metrics (app.py); None counts nothing.
+    metrics: Metrics | None = None
 
     # ----- per-address limits, shared by the c2s and WebSocket listeners -------------------
 
@@ -301,6 +304,10 @@ class C2SConnection:
                 cleanup.shield = True
                 await self.tcp.aclose()
             return
+        metrics = self.ctx.metrics
+        connections = None if metrics is None else metrics.connections[self._transport_name()]
+        if connections is not None:
+            connections.inc()
         try:
             with self._scope:
                 if self.direct_tls and self.framed is None and not await self._start_tls():
@@ -343,6 +350,8 @@ class C2SConnection:
                 cleanup.shield = True
                 await self._finish()
             self.ctx.release_connection_slot(self.peer)
+            if connections is not None:
+                connections.dec()
             try:
                 if self._resumable_now():
                     await self._wait_for_resumption()  # no socket held meanwhile
@@ -351,6 +360,11 @@ class C2SConnection:
                     with trio.move_on_after(SESSION_END_TIMEOUT_S) as cleanup:
                         cleanup.shield = True
                         await self._end_session()
+
+    def _transport_name(self) -> str:
+        if self.framed is not None:
+            return "websocket"
+        return "c2s_tls" if self.direct_tls else "c2s"
 
     async def _settle_pipeline(self) -> None:
         """Finish the messages the client sent before the stream ended: their records are
@@ -639,6 +653,8 @@ class C2SConnection:
                 break
             if isinstance(event, core.StanzaReceived):
                 assert self.session is not None
+                if self.ctx.metrics is not None:
+                    self.ctx.metrics.stanza_received(event.kind)
                 if event.kind == "message":
                     await self._accept_message(self.session, event.stanza, event.to)
                 else:
@@ -674,6 +690,8 @@ class C2SConnection:
                     return False
                 self.stream.tls_established()
             elif isinstance(event, core.AuthSucceeded):
+                if self.ctx.metrics is not None:
+                    self.ctx.metrics.auth_result(succeeded=True)
                 log.info(
                     "authenticated",
                     extra={
@@ -684,6 +702,8 @@ class C2SConnection:
                     },
                 )
             elif isinstance(event, core.AuthFailed):
+                if self.ctx.metrics is not None:
+                    self.ctx.metrics.auth_result(succeeded=False)
                 log.warning(
                     "authentication failed",
                     extra={
@@ -812,6 +832,7 @@ class C2SConnection:
 
     async def _write_outbox(self) -> None:
         outbox = self._outbox
+        metrics = self.ctx.metrics
         while True:
             while not outbox.items:
                 await outbox.filled.wait()
@@ -822,6 +843,8 @@ class C2SConnection:
                     self._hold(stanza)
                 else:
                     self.stream.send_stanza(stanza)
+                    if metrics is not None:
+                        metrics.stanza_sent(stanza.tag)
             sm = self.stream.sm
             if sm is not None and len(sm.unacked) > self.ctx.limits.sm_max_unacked:
                 self.terminate("resource-constraint", "too many unacknowledged stanzas")

@@ -1,4 +1,4 @@
-"""The loopback HTTP listener (h11): health and readiness now, metrics later.
+"""The loopback HTTP listener (h11): health, readiness and Prometheus metrics.
 
 Each connection: bounded request size (h11's incomplete-event limit), a read timeout per
 request, keep-alive up to a bounded number of requests. Handlers are plain functions from a

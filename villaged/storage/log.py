@@ -75,6 +75,7 @@ import errno
 import logging
 import operator
 import os
+import time
 import zlib
 from array import array
 from collections import deque
@@ -323,6 +324,10 @@ class SegmentLog:
         #: that a durable record reaches the views whether or not its appender still waits).
         #: It must not raise and must not block.
         self.on_durable: Callable[[int], None] | None = None
+        #: Called by the writer with each durable batch's seconds for write plus fdatasync
+        #: (as the writer waited for them) and for the fdatasync alone (for metrics).
+        #: It must not raise and must not block.
+        self.on_batch_written: Callable[[float, float], None] | None = None
 
         #: Batches and records made durable since open (for metrics and the benchmark).
         self.batches_written = 0
@@ -703,9 +708,11 @@ class SegmentLog:
                 return
         offset = active.size
         data = batch.buf
-        error, rollback_error = await trio.to_thread.run_sync(
+        started = time.perf_counter()
+        error, rollback_error, fsync_seconds = await trio.to_thread.run_sync(
             _write_durably, self._ops, active.fd, data, offset
         )
+        append_seconds = time.perf_counter() - started
         # No checkpoint between here and the end: the in-memory state must follow the disk.
         if error is not None:
             reason = f"{active.path}: write at offset {offset} failed: {error}"
@@ -727,6 +734,8 @@ class SegmentLog:
         self._pending_bytes -= len(data)
         self.batches_written += 1
         self.records_written += len(batch.offsets)
+        if self.on_batch_written is not None:
+            self.on_batch_written(append_seconds, fsync_seconds)
         if self.on_durable is not None:
             self.on_durable(self._last_index)
         batch.done.set()
@@ -1241,22 +1250,26 @@ def _write_all(ops: FileOps, fd: int, data: bytes | bytearray, offset: int) -> N
 
 def _write_durably(
     ops: FileOps, fd: int, data: bytearray, offset: int
-) -> tuple[OSError | None, OSError | None]:
+) -> tuple[OSError | None, OSError | None, float]:
     """Write ``data`` at ``offset`` and fdatasync; on failure cut the file back to ``offset``.
 
-    Returns ``(error, rollback_error)``: both None on success.
+    Returns ``(error, rollback_error, fsync_seconds)``: both errors None on success, and the
+    seconds the fdatasync took (0.0 if it was not reached).
     """
+    fsync_seconds = 0.0
     try:
         _write_all(ops, fd, data, offset)
+        synced_from = time.perf_counter()
         ops.fdatasync(fd)
+        fsync_seconds = time.perf_counter() - synced_from
     except OSError as exc:
         try:
             ops.ftruncate(fd, offset)
             ops.fsync(fd)
         except OSError as rollback_exc:
-            return exc, rollback_exc
-        return exc, None
-    return None, None
+            return exc, rollback_exc, fsync_seconds
+        return exc, None, fsync_seconds
+    return None, None, fsync_seconds
 
 
 def _create_file(path: Path) -> int:

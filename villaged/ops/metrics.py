@@ -1,0 +1,133 @@
+"""The node's Prometheus metrics: one registry per node, rendered for GET /metrics.
+
+Each node owns its `CollectorRegistry` (never prometheus_client's global one), so several
+in-process nodes — as in the tests — count separately. The parts that count get this object
+(`C2SContext.metrics`, `AdminContext.metrics`) or one of its methods as a callback (the
+segment log's `on_batch_written`); storage never imports it.
+
+Counting is cheap on purpose: labelled children are resolved once here, so a hot path does a
+dictionary lookup and `inc()`, never `labels()`. Gauges that mirror state the node already
+keeps (sessions, the log's last index) are read when scraped rather than updated as it changes.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import generate_latest
+
+from villaged import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+TRANSPORTS: Final = ("c2s", "c2s_tls", "websocket")
+STANZA_KINDS: Final = ("message", "presence", "iq")
+AUDIT_RESULTS: Final = ("success", "failure")
+
+#: Seconds. A healthy fdatasync takes a fraction of a millisecond (NVMe) to tens of
+#: milliseconds (spinning disks, busy cloud volumes); past a second something is wrong.
+STORAGE_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+class Metrics:
+    """Every metric a node exports, in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        connections = Gauge(
+            "villaged_connections",
+            "Open client connections, by transport.",
+            ["transport"],
+            registry=registry,
+        )
+        self.connections = {name: connections.labels(name) for name in TRANSPORTS}
+        stanzas = Counter(
+            "villaged_stanzas",
+            "Stanzas read from (in) and written to (out) clients, by kind.",
+            ["direction", "kind"],
+            registry=registry,
+        )
+        self._stanzas_in = {kind: stanzas.labels("in", kind) for kind in STANZA_KINDS}
+        self._stanzas_out = {kind: stanzas.labels("out", kind) for kind in STANZA_KINDS}
+        auth = Counter(
+            "villaged_auth",
+            "Client SASL authentications, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self._auth_success = auth.labels("success")
+        self._auth_failure = auth.labels("failure")
+        self.storage_append_seconds = Histogram(
+            "villaged_storage_append_seconds",
+            "Time to make one batch of log records durable (write and fdatasync).",
+            buckets=STORAGE_BUCKETS,
+            registry=registry,
+        )
+        self.storage_fsync_seconds = Histogram(
+            "villaged_storage_fsync_seconds",
+            "Time the fdatasync of one log batch took.",
+            buckets=STORAGE_BUCKETS,
+            registry=registry,
+        )
+        audit = Counter(
+            "villaged_audit_records",
+            "Operator actions written to the audit log (failure: the write failed).",
+            ["result"],
+            registry=registry,
+        )
+        self._audit = {result: audit.labels(result) for result in AUDIT_RESULTS}
+        self._sessions = Gauge("villaged_sessions", "Bound client sessions.", registry=registry)
+        self._log_last_index = Gauge(
+            "villaged_log_last_index", "Index of the last durable log record.", registry=registry
+        )
+        Info("villaged_build", "The running villaged.", registry=registry).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+
+    def watch(self, *, sessions: Callable[[], int], log_last_index: Callable[[], int]) -> None:
+        """Read these when scraped (app.py wires the session registry and the log)."""
+        self._sessions.set_function(sessions)
+        self._log_last_index.set_function(log_last_index)
+
+    def stanza_received(self, kind: str) -> None:
+        self._stanzas_in[kind].inc()
+
+    def stanza_sent(self, tag: str) -> None:
+        """Count one stanza written to a client; ``tag`` is its element's (Clark) tag."""
+        child = self._stanzas_out.get(tag[tag.find("}") + 1 :])
+        if child is not None:
+            child.inc()
+
+    def auth_result(self, succeeded: bool) -> None:
+        (self._auth_success if succeeded else self._auth_failure).inc()
+
+    def observe_batch(self, append_seconds: float, fsync_seconds: float) -> None:
+        """The segment log's ``on_batch_written`` callback."""
+        self.storage_append_seconds.observe(append_seconds)
+        self.storage_fsync_seconds.observe(fsync_seconds)
+
+    def audit_record(self, result: str) -> None:
+        self._audit[result].inc()
+
+    def render(self) -> bytes:
+        """The text exposition format (`prometheus_client.CONTENT_TYPE_LATEST`)."""
+        return generate_latest(self.registry)
