@@ -53,3 +53,43 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) var
+
+# Install on a server (README.md, "Install on a server"): a self-contained virtualenv in
+# $(PREFIX)/lib/villaged with a villaged symlink in $(PREFIX)/bin, the systemd units (their
+# /usr/local/bin/villaged rewritten to $(PREFIX)/bin/villaged), sysusers.d and tmpfiles.d entries,
+# and the commented config unless one is already there. DESTDIR stages it elsewhere (the venv's
+# scripts are rewritten to their final paths). pip needs the network, or PIP_INSTALL_ARGS such as
+# "--no-index --find-links DIR".
+PREFIX  ?= /usr/local
+DESTDIR ?=
+APPDIR  := $(PREFIX)/lib/villaged
+UNITDIR := /lib/systemd/system
+PIP_INSTALL_ARGS ?=
+UNITS   := villaged.service villaged-backup.service villaged-backup.timer villaged-alert@.service
+
+.PHONY: install
+install:
+	@test -n "$(PYTHON)" || { echo "make: Python 3.11 is required (python3.11 or python3)"; exit 1; }
+	@case '$(PREFIX)' in /?*) ;; *) echo "make: PREFIX must be an absolute path"; exit 1;; esac
+	$(PYTHON) -m venv --clear '$(DESTDIR)$(APPDIR)'
+	'$(DESTDIR)$(APPDIR)/bin/python' -m pip install --quiet --disable-pip-version-check \
+		--no-compile $(PIP_INSTALL_ARGS) .
+	if [ -n '$(DESTDIR)' ]; then \
+		grep -rlIZ -F '$(DESTDIR)$(APPDIR)' '$(DESTDIR)$(APPDIR)/bin' '$(DESTDIR)$(APPDIR)/pyvenv.cfg' \
+			| xargs -0 -r sed -i 's|$(DESTDIR)$(APPDIR)|$(APPDIR)|g'; \
+	fi
+	'$(DESTDIR)$(APPDIR)/bin/python' -m compileall -q -d '$(APPDIR)/lib' '$(DESTDIR)$(APPDIR)/lib'
+	install -d -m 0755 '$(DESTDIR)$(PREFIX)/bin' '$(DESTDIR)$(UNITDIR)' \
+		'$(DESTDIR)/usr/lib/sysusers.d' '$(DESTDIR)/usr/lib/tmpfiles.d'
+	ln -sfn '$(APPDIR)/bin/villaged' '$(DESTDIR)$(PREFIX)/bin/villaged'
+	for unit in $(UNITS); do \
+		sed 's|/usr/local/bin/villaged|$(PREFIX)/bin/villaged|g' "systemd/$$unit" \
+			> '$(DESTDIR)$(UNITDIR)/'"$$unit" && chmod 0644 '$(DESTDIR)$(UNITDIR)/'"$$unit" || exit 1; \
+	done
+	install -m 0644 systemd/villaged.sysusers '$(DESTDIR)/usr/lib/sysusers.d/villaged.conf'
+	install -m 0644 systemd/villaged.tmpfiles '$(DESTDIR)/usr/lib/tmpfiles.d/villaged.conf'
+	install -d -m 0750 '$(DESTDIR)/etc/villaged'
+	test -e '$(DESTDIR)/etc/villaged/villaged.toml' || \
+		install -m 0640 conf/villaged.toml '$(DESTDIR)/etc/villaged/villaged.toml'
+	@echo "installed; on the server now run: systemd-sysusers villaged.conf &&" \
+		"systemd-tmpfiles --create villaged.conf && systemctl daemon-reload"
