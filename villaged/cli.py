@@ -139,6 +139,40 @@ def cmd_storage_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from villaged.ops import backup
+
+    try:
+        if args.backup_command == "create":
+            made = backup.create_backup(_config(args), Path(args.to), keep=args.keep)
+            print(
+                f"backup {made.directory}: log up to index {made.last_index}, {made.users} users,"
+                f" {made.archived_messages} archived messages"
+            )
+            for path in made.pruned:
+                print(f"pruned {path}")
+            return 0
+        public_key = Path(args.public_key) if args.public_key else None
+        if args.backup_command == "verify":
+            keyset = _config(args).storage.keyset if args.config else None
+            checked = backup.verify_backup(Path(args.dir), public_key=public_key, keyset=keyset)
+            verb = "ok"
+        else:
+            checked = backup.restore_backup(
+                Path(args.dir), _config(args), force=args.force, public_key=public_key
+            )
+            verb = "restored"
+    except backup.BackupError as exc:
+        raise CommandError(str(exc)) from None
+    signer = "--public-key" if checked.public_key_checked else "the key inside the backup only"
+    print(
+        f"{checked.directory}: {verb}: {checked.files} files, log up to index"
+        f" {checked.last_index}, {checked.users} users, {checked.archived_messages} archived"
+        f" messages; signature checked with {signer}"
+    )
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from villaged.admin import audit
 
@@ -259,6 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     storage_sub = storage.add_subparsers(dest="storage_command", required=True, metavar="ACTION")
     p = storage_sub.add_parser("verify", help="offline integrity scan of the data directory")
     with_config(p).set_defaults(func=cmd_storage_verify)
+
+    backup = sub.add_parser("backup", help="verified backups of the data directory")
+    backup_sub = backup.add_subparsers(dest="backup_command", required=True, metavar="ACTION")
+    p = with_config(backup_sub.add_parser("create", help="back up a (running) node"))
+    p.add_argument("--to", required=True, metavar="DIR", help="where backups are kept")
+    p.add_argument("--keep", type=int, metavar="N", help="then keep only the newest N backups")
+    p.set_defaults(func=cmd_backup)
+    p = backup_sub.add_parser("verify", help="check a backup (or the newest in DIR) by replay")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("-c", "--config", metavar="FILE", help="use this config's keyset")
+    p.add_argument("--public-key", metavar="FILE", help="the backup public key kept elsewhere")
+    p.set_defaults(func=cmd_backup)
+    p = with_config(backup_sub.add_parser("restore", help="rebuild a stopped node's data"))
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--force", action="store_true", help="replace a non-empty data directory")
+    p.add_argument("--public-key", metavar="FILE", help="the backup public key kept elsewhere")
+    p.set_defaults(func=cmd_backup)
 
     audit = sub.add_parser("audit", help="the operator audit log (stopped or running node)")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

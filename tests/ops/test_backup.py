@@ -1,0 +1,242 @@
+"""`villaged backup`: a backup of a live node while clients send holds every acknowledged
+message, verifies, catches corrupted, missing, extra and tampered files and a forged manifest,
+restores into a node that serves the archives, and is pruned by --keep."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.e2e.test_durability import archived_bodies
+from tests.net.rawclient import RawClient
+from tests.nodes import start_node, write_node_config
+from villaged.cli import main
+from villaged.config import load_config
+from villaged.ops import backup
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.nodes import RunningNode
+    from villaged.config import Config
+
+
+async def login(node: RunningNode, user: str) -> RawClient:
+    client = await RawClient.connect(node.c2s_tls, node.ca_file, direct_tls=True)
+    await client.login(user, f"{user}-password", starttls=False)
+    return client
+
+
+async def send_acknowledged(alice: RawClient, first: int, count: int) -> list[str]:
+    """Send ``count`` messages to bob, then a ping: answered means every one is durable."""
+    bodies = [f"m{n}" for n in range(first, first + count)]
+    for body in bodies:
+        message = f"<message to='bob@localhost' type='chat' id='{body}'><body>{body}</body>"
+        await alice.send(message.encode() + b"</message>")
+    await alice.send(f"<iq type='get' id='p{first}'><ping xmlns='urn:xmpp:ping'/></iq>".encode())
+    with trio.fail_after(20):
+        while True:
+            reply = await alice.element()
+            assert reply.get("type") != "error", reply.get("id")
+            if reply.get("id") == f"p{first}":
+                return bodies
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path, set[str]]:
+    """A backup taken from a live node while alice keeps sending; the bodies acknowledged
+    before it started."""
+    tmp_path = tmp_path_factory.mktemp("backup")
+    result: list[tuple[Path, set[str]]] = []
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            node = await start_node(nursery, tmp_path)
+            alice = await login(node, "alice")
+            acked: set[str] = set()
+            for round_ in range(5):
+                acked.update(await send_acknowledged(alice, round_ * 100, 20))
+            stop = trio.Event()
+
+            async def keep_sending() -> None:
+                first = 10_000
+                while not stop.is_set() and first < 20_000:
+                    await send_acknowledged(alice, first, 5)
+                    first += 5
+
+            nursery.start_soon(keep_sending)
+            await trio.sleep(0.05)
+            made = await trio.to_thread.run_sync(
+                lambda: backup.create_backup(node.config, tmp_path / "backups")
+            )
+            stop.set()
+            await trio.sleep(0.2)
+            await alice.aclose()
+            result.append((made.directory, acked))
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+    config = load_config(tmp_path / "node" / "villaged.toml")
+    directory, acked = result[0]
+    return config, directory, acked
+
+
+@pytest.fixture
+def copy(made: tuple[Config, Path, set[str]], tmp_path: Path) -> Path:
+    shutil.copytree(made[1], tmp_path / made[1].name)
+    return tmp_path / made[1].name
+
+
+def test_a_backup_of_a_live_node_verifies(made: tuple[Config, Path, set[str]]) -> None:
+    config, directory, acked = made
+    result = backup.verify_backup(
+        directory, public_key=config.storage.keyset.parent / backup.PUBLIC_KEY
+    )
+    assert result.public_key_checked
+    assert result.users == 3
+    assert result.archived_messages >= 2 * len(acked)  # each message is in alice's and bob's
+    manifest = json.loads((directory / backup.MANIFEST).read_bytes())
+    assert manifest["format"] == backup.FORMAT
+    assert manifest["counts"]["users"] == 3
+    assert any(f["path"].startswith("data/vault/") for f in manifest["files"])
+    assert not any("keyset" in f["path"] for f in manifest["files"])  # kept separately
+    assert stat.S_IMODE((config.storage.keyset.parent / backup.SIGNING_KEY).stat().st_mode) == 0o600
+    for path in (directory / "data").rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600)
+
+
+def test_the_cli_verifies_the_newest_backup_of_a_directory(
+    made: tuple[Config, Path, set[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["backup", "verify", str(made[1].parent)]) == 0
+    assert "ok:" in capsys.readouterr().out
+
+
+def segment(directory: Path) -> Path:
+    return sorted((directory / "data" / "log").glob("*.seg"))[0]
+
+
+def expect_failure(
+    directory: Path, naming: str, capsys: pytest.CaptureFixture[str], *extra: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["backup", "verify", str(directory), *extra])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("villaged: error: ")
+    assert naming in err, err
+
+
+def test_a_corrupted_segment_is_named(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = segment(copy)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    expect_failure(copy, path.name, capsys)
+
+
+def test_a_missing_file_is_named(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    victim = sorted((copy / "data" / "vault").iterdir())[0]
+    victim.unlink()
+    expect_failure(copy, f"{victim.name}: missing", capsys)
+
+
+def test_an_extra_file_is_named(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (copy / "data" / "log" / "stray.seg").write_bytes(b"x")
+    expect_failure(copy, "stray.seg: not listed", capsys)
+
+
+def test_a_modified_manifest_fails_its_signature(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = json.loads((copy / backup.MANIFEST).read_bytes())
+    manifest["counts"]["archived_messages"] += 1
+    (copy / backup.MANIFEST).write_bytes(json.dumps(manifest).encode())
+    expect_failure(copy, "manifest.json: signature does not verify", capsys)
+
+
+def test_a_forged_manifest_is_caught_with_the_public_key_kept_elsewhere(
+    made: tuple[Config, Path, set[str]], copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The forger edits a file, rewrites its digest and re-signs with a key of their own,
+    # replacing the public key in the backup too: only the key kept elsewhere catches it.
+    path = segment(copy)
+    path.write_bytes(path.read_bytes()[:-1])
+    manifest = json.loads((copy / backup.MANIFEST).read_bytes())
+    for entry in manifest["files"]:
+        if entry["path"] == f"data/log/{path.name}":
+            entry["size"] -= 1
+            entry["sha256"] = backup._sha256_file(path)
+    body = backup._canonical(manifest)
+    forger = Ed25519PrivateKey.generate()
+    (copy / backup.MANIFEST).write_bytes(body)
+    import base64
+
+    (copy / backup.SIGNATURE).write_bytes(base64.b64encode(forger.sign(body)))
+    (copy / backup.PUBLIC_KEY).write_bytes(
+        forger.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    kept = made[0].storage.keyset.parent / backup.PUBLIC_KEY
+    expect_failure(copy, "signature does not verify with", capsys, "--public-key", str(kept))
+
+
+def test_a_restored_node_serves_the_users_and_their_archives(
+    made: tuple[Config, Path, set[str]], tmp_path: Path
+) -> None:
+    config, directory, acked = made
+    restored_path = write_node_config(tmp_path / "restored")
+    restored = load_config(restored_path)
+    shutil.copyfile(config.storage.keyset, restored.storage.keyset)  # the keyset kept aside
+    assert main(["backup", "restore", str(directory), "-c", str(restored_path)]) == 0
+    with pytest.raises(SystemExit):  # a second restore refuses the now non-empty directory
+        main(["backup", "restore", str(directory), "-c", str(restored_path)])
+    assert stat.S_IMODE(restored.storage.dir.stat().st_mode) == 0o700
+
+    async def check() -> None:
+        from functools import partial
+
+        from villaged.app import run_node
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(run_node, restored, handle_signals=False))
+            port = restored.listeners.c2s_tls.bind[0].port
+            for user in ("alice", "bob"):
+                client = await RawClient.connect(port, restored.tls.cert, direct_tls=True)
+                await client.login(user, f"{user}-password", starttls=False)
+                with trio.fail_after(60):
+                    bodies = set(await archived_bodies(client))
+                assert acked <= bodies, sorted(acked - bodies)[:5]
+                await client.aclose()
+            nursery.cancel_scope.cancel()
+
+    trio.run(check)
+
+
+def test_keep_prunes_the_oldest_backups_only(
+    made: tuple[Config, Path, set[str]], tmp_path: Path
+) -> None:
+    config = made[0]
+    target = tmp_path / "kept"
+    target.mkdir()
+    (target / "unrelated").mkdir()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    names = []
+    for day in range(4):
+        result = backup.create_backup(config, target, keep=2, now=start + timedelta(days=day))
+        names.append(result.directory.name)
+    assert sorted(p.name for p in target.iterdir()) == sorted([*names[-2:], "unrelated"])
+    with pytest.raises(backup.BackupError):
+        backup.create_backup(config, target, keep=0)
+    assert not any(p.name.startswith(".") for p in target.iterdir())
+    assert os.listdir(target / names[-1])

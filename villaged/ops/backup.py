@@ -1,0 +1,563 @@
+"""Verified backups of a node's data directory: ``villaged backup create | verify | restore``.
+
+This module owns a backup directory and the steps that make, check and restore one.
+
+Layout (one directory per backup, ``villaged-backup-<UTC yyyymmddThhmmssffffffZ>``)::
+
+    data/...               the copied data directory, same relative paths       0600 / 0700
+    manifest.json          what was copied, canonical JSON (below)               0600
+    manifest.sig           base64 Ed25519 signature over manifest.json's bytes    0600
+    backup-signing.pub     the signer's public key (SubjectPublicKeyInfo PEM)    0644
+
+Consistency without the lock
+----------------------------
+A live node holds an exclusive lock on its data directory, so ``create`` never opens the
+store: it reads files. The log is append-only with CRC-framed records, which makes a consistent
+cut cheap. The log directory is listed first (that moment is "when the backup started"); sealed
+segments and snapshot files are copied whole; the newest segment (the active one) is read to
+its end and cut back to the end of its last whole, CRC-valid record frame, using the same
+scanner recovery uses (:func:`~villaged.storage.segment.scan_segment`). Every record
+acknowledged before the listing was ``fdatasync``-ed before it was acknowledged, so it lies in
+the bytes read; a final frame still being written (torn) is never copied, and damage that is
+not a torn tail (:func:`~villaged.storage.segment.assess_damage`) fails the backup instead of
+being cut. Records written but not yet acknowledged may be included whole, exactly as crash
+recovery would keep them. If a listed file disappears while it is copied (compaction removed a
+segment covered by a newer snapshot), the whole copy starts again, at most
+:data:`COPY_ATTEMPTS` times.
+
+The rest of the data directory (``FORMAT``, ``vault/`` with the per-user data keys, ``audit/``,
+``admin/`` with the operators file, ``secrets/``, and anything a later feature adds) is copied
+after the log, as is: a user created after the cut may bring a vault file the log copy does not
+need, never the other way round (a data key is stored before the first record sealed with it).
+``LOCK``, temporary files (``*.tmp``, ``.*.tmp-*``) and anything not a regular file are skipped;
+``*.jsonl`` files (the audit log, appended live) are cut after their last newline.
+
+The keyset is NOT in the backup
+-------------------------------
+Every user data key in ``vault/`` is wrapped by the keyset; a backup that held the keyset next to
+them would hand everything to whoever reads the backup. So the keyset is deliberately left out,
+and it must be kept separately (it changes only on ``keys rotate`` / ``keys retire``). The
+manifest records its path and key ids (not key material); ``verify`` and ``restore`` need a
+keyset holding those ids: the one named by ``-c FILE``, else the path in the manifest. After
+``keys retire`` an older backup needs the keyset as it was before the retirement.
+
+manifest.json
+-------------
+Canonical JSON (sorted keys, no spaces, UTF-8)::
+
+    {"format": "villaged-backup 1", "domain": ..., "node": ..., "created": RFC 3339 UTC,
+     "log": {"last_index": N, "segments": n, "snapshots": n},
+     "keyset": {"path": "...", "key_ids": [1, 2]},
+     "files": [{"path": "data/log/....seg", "size": n, "sha256": hex}, ...],
+     "users": {"alice@example.org": hex, ...},
+     "counts": {"users": n, "archived_messages": n}}
+
+``files`` lists every file of the backup except the three metadata files, sorted by path.
+``users`` holds, per account, SHA-256 over canonical JSON lines made by replaying the copy (the
+store opened with every feature view): the account, each archived message (archive id, stamp,
+record id, SHA-256 of its stored row), the roster version and entries, and the offline queue
+length. Replaying a restored copy must give the same digests.
+
+Signing
+-------
+The node's backup signing key is ``backup-signing.key`` (Ed25519, PKCS#8 PEM, 0600) next to
+the keyset file, with ``backup-signing.pub`` beside it; ``create`` makes both on first use (the
+hardened backup unit cannot write there: run ``villaged backup create`` once by hand first).
+``verify`` checks the signature with the ``.pub`` stored in the backup, and with ``--public-key
+FILE`` when given. A signature checked only with a key the backup itself carries proves
+nothing against someone who rewrites the backup: they re-sign with their own key. Keep a copy of
+the public key off the backup host and pass it as ``--public-key``.
+
+verify, restore, retention
+--------------------------
+``verify DIR`` checks the signature, then every listed file's size and digest (naming the file
+on a mismatch, a missing file or an unlisted extra file), copies ``data/`` into a scratch
+directory, runs :func:`~villaged.storage.verify.verify_store` on it, opens it with every feature
+view (a full replay) and compares the per-user digests. ``DIR`` may also be a directory of
+backups (what ``--to`` names): then its newest backup is verified. ``restore DIR -c FILE``
+verifies first, refuses a non-empty data directory unless ``--force``, and copies ``data/`` into
+place (files 0600, directories 0700). ``create --keep N`` then deletes the oldest backups in the
+target directory beyond the newest N; only directories named like ours are touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from villaged.im.features import FeatureViews
+from villaged.ops.tlsfiles import write_file_atomic, write_private_file
+from villaged.storage.crypto import Keyset
+from villaged.storage.segment import (
+    assess_damage,
+    parse_segment_file_name,
+    parse_snapshot_file_name,
+    scan_segment,
+)
+from villaged.storage.store import Store, StoreOptions
+from villaged.storage.verify import verify_store
+
+if TYPE_CHECKING:
+    from villaged.config import Config
+
+FORMAT: Final = "villaged-backup 1"
+PREFIX: Final = "villaged-backup-"
+MANIFEST: Final = "manifest.json"
+SIGNATURE: Final = "manifest.sig"
+PUBLIC_KEY: Final = "backup-signing.pub"
+SIGNING_KEY: Final = "backup-signing.key"
+DATA: Final = "data"
+_METADATA: Final = frozenset({MANIFEST, SIGNATURE, PUBLIC_KEY})
+#: Whole copies attempted when files vanish under the copy (compaction running meanwhile).
+COPY_ATTEMPTS: Final = 3
+#: Files and directories a backup may hold, and the manifest's size: bounds on what is read.
+MAX_FILES: Final = 1_000_000
+MAX_MANIFEST_BYTES: Final = 256 * 2**20
+_CHUNK: Final = 2**20
+
+
+class BackupError(Exception):
+    """A backup could not be made, verified or restored; the message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    directory: Path
+    last_index: int
+    users: int
+    archived_messages: int
+    pruned: tuple[Path, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    directory: Path
+    files: int
+    last_index: int
+    users: int
+    archived_messages: int
+    public_key_checked: bool
+
+
+# ----- create --------------------------------------------------------------------------------
+
+
+def create_backup(
+    config: Config, target: Path, *, keep: int | None = None, now: datetime | None = None
+) -> CreateResult:
+    """Copy the (possibly live) data directory into a new backup under ``target``."""
+    if keep is not None and keep < 1:
+        raise BackupError(f"--keep {keep}: keep at least one backup")
+    moment = now or datetime.now(UTC)
+    source = config.storage.dir
+    if not (source / "FORMAT").is_file():
+        raise BackupError(f"{source} is not a villaged data directory (no FORMAT)")
+    key = _load_or_create_signing_key(config.storage.keyset.parent)
+    keyset = Keyset.load(config.storage.keyset)
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = PREFIX + moment.strftime("%Y%m%dT%H%M%S%fZ")
+    final = target / name
+    if final.exists():
+        raise BackupError(f"{final} already exists")
+    staging = target / f".{name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(mode=0o700)
+    try:
+        log_info = _copy_data_directory(source, staging / DATA)
+        files = _file_entries(staging)
+        users, counts = _replay_digests(staging / DATA, config.storage.keyset)
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "domain": config.server.domain,
+            "node": config.server.node,
+            "created": moment.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "log": log_info,
+            "keyset": {"path": str(config.storage.keyset), "key_ids": list(keyset.key_ids)},
+            "files": files,
+            "users": users,
+            "counts": counts,
+        }
+        body = _canonical(manifest)
+        write_private_file(staging / MANIFEST, body)
+        write_private_file(staging / SIGNATURE, base64.b64encode(key.sign(body)) + b"\n")
+        write_file_atomic(staging / PUBLIC_KEY, _public_pem(key.public_key()), 0o644)
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    pruned = prune_backups(target, keep) if keep is not None else ()
+    return CreateResult(
+        final, int(log_info["last_index"]), counts["users"], counts["archived_messages"], pruned
+    )
+
+
+def _copy_data_directory(source: Path, destination: Path) -> dict[str, int]:
+    for _ in range(COPY_ATTEMPTS):
+        shutil.rmtree(destination, ignore_errors=True)
+        destination.mkdir(mode=0o700)
+        try:
+            info = _copy_log(source / "log", destination / "log")
+            _copy_tree(source, destination, skip_top=frozenset({"LOCK", "log"}))
+        except FileNotFoundError:
+            continue  # compaction removed a listed file: start the copy again
+        return info
+    raise BackupError(
+        f"files in {source} kept disappearing during {COPY_ATTEMPTS} copies; try again"
+    )
+
+
+def _copy_log(source: Path, destination: Path) -> dict[str, int]:
+    destination.mkdir(mode=0o700)
+    names = sorted(p.name for p in source.iterdir()) if source.is_dir() else []
+    segments = sorted(b for n in names if (b := parse_segment_file_name(n)) is not None)
+    snapshots = [n for n in names if parse_snapshot_file_name(n) is not None]
+    last_index = max((parse_snapshot_file_name(n) or 0 for n in snapshots), default=0)
+    for name in snapshots:
+        _copy_file(source / name, destination / name)
+    for base in segments[:-1]:
+        name = _segment_name(names, base)
+        _copy_file(source / name, destination / name)
+        last_index = max(last_index, base)
+    if segments:
+        base = segments[-1]
+        name = _segment_name(names, base)
+        data = (source / name).read_bytes()
+        scan = scan_segment(data, base=base)
+        if scan.damage is not None:
+            damage = assess_damage(data, scan)
+            if not damage.torn_tail:
+                raise BackupError(
+                    f"{source / name}: damaged at offset {damage.offset} ({damage.reason}); "
+                    "run `villaged storage verify` on the stopped node"
+                )
+        _write_private(destination / name, data[: scan.valid_bytes])
+        last_index = max(last_index, scan.last_index)
+    return {"last_index": last_index, "segments": len(segments), "snapshots": len(snapshots)}
+
+
+def _segment_name(names: list[str], base: int) -> str:
+    return next(n for n in names if parse_segment_file_name(n) == base)
+
+
+def _copy_tree(source: Path, destination: Path, *, skip_top: frozenset[str]) -> None:
+    count = 0
+    for directory, subdirs, filenames in os.walk(source):
+        here = Path(directory)
+        relative = here.relative_to(source)
+        if relative == Path("."):
+            subdirs[:] = [d for d in subdirs if d not in skip_top]
+            filenames = [f for f in filenames if f not in skip_top]
+        subdirs.sort()
+        for sub in subdirs:
+            (destination / relative / sub).mkdir(mode=0o700, exist_ok=True)
+        for filename in sorted(filenames):
+            count += 1
+            if count > MAX_FILES:
+                raise BackupError(f"{source} holds more than {MAX_FILES} files")
+            path = here / filename
+            if _is_temporary(filename) or not path.is_file() or path.is_symlink():
+                continue
+            if filename.endswith(".jsonl"):
+                data = path.read_bytes()
+                _write_private(destination / relative / filename, data[: data.rfind(b"\n") + 1])
+            else:
+                _copy_file(path, destination / relative / filename)
+
+
+def _is_temporary(name: str) -> bool:
+    return name.endswith(".tmp") or (name.startswith(".") and ".tmp-" in name)
+
+
+def _copy_file(source: Path, destination: Path) -> None:
+    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(source, "rb") as reader, os.fdopen(fd, "wb") as writer:
+        shutil.copyfileobj(reader, writer, _CHUNK)
+        writer.flush()
+        os.fsync(writer.fileno())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as writer:
+        writer.write(data)
+        writer.flush()
+        os.fsync(writer.fileno())
+
+
+def _file_entries(root: Path) -> list[dict[str, Any]]:
+    return [
+        {"path": relative, "size": path.stat().st_size, "sha256": _sha256_file(path)}
+        for relative, path in _backup_files(root)
+    ]
+
+
+def _backup_files(root: Path) -> list[tuple[str, Path]]:
+    """Every regular file under ``root`` but the metadata files, as (posix path, path)."""
+    found: list[tuple[str, Path]] = []
+    for directory, subdirs, filenames in os.walk(root):
+        subdirs.sort()
+        for filename in filenames:
+            path = Path(directory) / filename
+            relative = path.relative_to(root).as_posix()
+            if relative in _METADATA:
+                continue
+            found.append((relative, path))
+            if len(found) > MAX_FILES:
+                raise BackupError(f"{root} holds more than {MAX_FILES} files")
+    return sorted(found)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as reader:
+        while chunk := reader.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# ----- replay --------------------------------------------------------------------------------
+
+
+def _replay_digests(data: Path, keyset: Path) -> tuple[dict[str, str], dict[str, int]]:
+    """Per-user digests from a full replay of a scratch copy of ``data`` (never ``data``
+    itself: opening a store writes LOCK and may cut a torn tail)."""
+    with tempfile.TemporaryDirectory(prefix="villaged-backup-replay-") as scratch:
+        copy = Path(scratch) / "data"
+        shutil.copytree(data, copy)
+        report = verify_store(copy)
+        if not report.ok:
+            raise BackupError(f"the copied data directory is damaged: {report.problems[0]}")
+        views = FeatureViews()
+        store = Store.open(StoreOptions(directory=copy, keyset=keyset), views.all())
+        try:
+            return _user_digests(store, views)
+        finally:
+            store.close()
+
+
+def _user_digests(store: Store, views: FeatureViews) -> tuple[dict[str, str], dict[str, int]]:
+    digests: dict[str, str] = {}
+    archived = 0
+    for jid in store.state.accounts.jids():
+        digest = hashlib.sha256(_canonical(["account", jid]) + b"\n")
+        archive = views.messages.archives.of(jid)
+        for entry in archive.entries if archive is not None else ():
+            archived += 1
+            row = hashlib.sha256(entry.row).hexdigest()
+            line = ["archive", entry.id, entry.stamp, entry.record_id, row]
+            digest.update(_canonical(line) + b"\n")
+        contacts = sorted(
+            [str(e.jid), e.listed, e.name, list(e.groups)] for e in views.roster.entries(jid)
+        )
+        digest.update(_canonical(["roster", views.roster.version(jid), contacts]) + b"\n")
+        offline = views.messages.offline.count(jid)
+        digest.update(_canonical(["offline", offline]) + b"\n")
+        digests[jid] = digest.hexdigest()
+    return digests, {"users": len(digests), "archived_messages": archived}
+
+
+# ----- verify --------------------------------------------------------------------------------
+
+
+def find_backup(directory: Path) -> Path:
+    """``directory`` if it is a backup, else the newest backup in it."""
+    if (directory / MANIFEST).exists() or not directory.is_dir():
+        return directory
+    backups = list_backups(directory)
+    if not backups:
+        raise BackupError(f"{directory} is neither a backup nor holds any ({PREFIX}*)")
+    return backups[-1]
+
+
+def list_backups(directory: Path) -> list[Path]:
+    """Backups in ``directory``, oldest first (their names sort by time)."""
+    return sorted(p for p in directory.iterdir() if p.name.startswith(PREFIX) and p.is_dir())
+
+
+def verify_backup(
+    directory: Path, *, public_key: Path | None = None, keyset: Path | None = None
+) -> VerifyResult:
+    """Check a backup completely (see the module docstring); :class:`BackupError` naming the
+    first file that fails."""
+    backup = find_backup(directory)
+    manifest = _checked_manifest(backup, public_key)
+    listed = {entry["path"]: entry for entry in manifest["files"]}
+    present = dict(_backup_files(backup))
+    for relative in sorted(listed):
+        entry = listed[relative]
+        path = present.get(relative)
+        if path is None:
+            raise BackupError(f"{backup / relative}: missing from the backup")
+        if path.stat().st_size != entry["size"]:
+            raise BackupError(
+                f"{path}: size {path.stat().st_size}, the manifest says {entry['size']}"
+            )
+        if _sha256_file(path) != entry["sha256"]:
+            raise BackupError(f"{path}: SHA-256 does not match the manifest")
+    extra = sorted(set(present) - set(listed))
+    if extra:
+        raise BackupError(f"{backup / extra[0]}: not listed in the manifest")
+    keyset_path = keyset or Path(manifest["keyset"]["path"])
+    users, counts = _replay_digests(backup / DATA, keyset_path)
+    for jid in sorted(set(users) | set(manifest["users"])):
+        if users.get(jid) != manifest["users"].get(jid):
+            raise BackupError(f"{backup / DATA}: replayed state of {jid} does not match")
+    if counts != manifest["counts"]:
+        raise BackupError(f"{backup / DATA}: replayed counts {counts} != {manifest['counts']}")
+    return VerifyResult(
+        backup,
+        len(listed),
+        int(manifest["log"]["last_index"]),
+        counts["users"],
+        counts["archived_messages"],
+        public_key is not None,
+    )
+
+
+def _checked_manifest(backup: Path, public_key: Path | None) -> dict[str, Any]:
+    manifest_path = backup / MANIFEST
+    try:
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BackupError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes")
+        body = manifest_path.read_bytes()
+        signature = base64.b64decode((backup / SIGNATURE).read_bytes().strip(), validate=True)
+    except FileNotFoundError as exc:
+        raise BackupError(f"{exc.filename}: missing from the backup") from None
+    except ValueError:
+        raise BackupError(f"{backup / SIGNATURE}: not a base64 signature") from None
+    keys = [(backup / PUBLIC_KEY, _load_public_key(backup / PUBLIC_KEY))]
+    if public_key is not None:
+        keys.append((public_key, _load_public_key(public_key)))
+    for path, key in keys:
+        try:
+            key.verify(signature, body)
+        except InvalidSignature:
+            raise BackupError(f"{manifest_path}: signature does not verify with {path}") from None
+    try:
+        manifest = json.loads(body)
+        if manifest.get("format") != FORMAT:
+            raise BackupError(
+                f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT!r}"
+            )
+        for entry in manifest["files"]:
+            if not isinstance(entry["path"], str) or not isinstance(entry["size"], int):
+                raise BackupError(f"{manifest_path}: malformed file entry")
+        _ = (manifest["keyset"]["path"], manifest["users"], manifest["counts"], manifest["log"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise BackupError(f"{manifest_path}: malformed manifest") from None
+    if not isinstance(manifest, dict):  # pragma: no cover - format check above
+        raise BackupError(f"{manifest_path}: malformed manifest")
+    return manifest
+
+
+def _load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise BackupError(f"{path}: missing") from None
+    except ValueError:
+        raise BackupError(f"{path}: not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BackupError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+# ----- restore -------------------------------------------------------------------------------
+
+
+def restore_backup(
+    directory: Path, config: Config, *, force: bool = False, public_key: Path | None = None
+) -> VerifyResult:
+    """Verify the backup, then rebuild the (stopped, empty) data directory from it."""
+    result = verify_backup(directory, public_key=public_key, keyset=config.storage.keyset)
+    destination = config.storage.dir
+    if destination.exists() and any(destination.iterdir()):
+        if not force:
+            raise BackupError(f"{destination} is not empty; pass --force to replace it")
+        lock = destination / "LOCK"
+        if lock.exists():
+            _refuse_if_locked(lock)
+        shutil.rmtree(destination)
+    destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(destination, 0o700)
+    source = result.directory / DATA
+    for directory_name, subdirs, filenames in os.walk(source):
+        here = Path(directory_name)
+        relative = here.relative_to(source)
+        for sub in sorted(subdirs):
+            (destination / relative / sub).mkdir(mode=0o700)
+        for filename in sorted(filenames):
+            _copy_file(here / filename, destination / relative / filename)
+    return result
+
+
+def _refuse_if_locked(lock: Path) -> None:
+    import fcntl
+
+    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BackupError(f"{lock.parent} is in use by a running villaged; stop it first") from None
+    finally:
+        os.close(fd)
+
+
+# ----- retention -----------------------------------------------------------------------------
+
+
+def prune_backups(target: Path, keep: int) -> tuple[Path, ...]:
+    """Delete the oldest backups in ``target`` beyond the newest ``keep``."""
+    backups = list_backups(target)
+    doomed = tuple(backups[: max(0, len(backups) - keep)])
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+# ----- the signing key -----------------------------------------------------------------------
+
+
+def _load_or_create_signing_key(directory: Path) -> Ed25519PrivateKey:
+    path = directory / SIGNING_KEY
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        write_private_file(path, pem)
+        write_file_atomic(directory / PUBLIC_KEY, _public_pem(key.public_key()), 0o644)
+        return key
+    try:
+        loaded = serialization.load_pem_private_key(raw, password=None)
+    except ValueError:
+        raise BackupError(f"{path}: not a PEM private key") from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise BackupError(f"{path}: not an Ed25519 private key")
+    return loaded
+
+
+def _public_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
