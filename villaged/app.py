@@ -37,6 +37,7 @@ from villaged.net.http import Response, serve_http
 from villaged.net.tls import ALPN_XMPP_CLIENT, ServerTlsSpec, TlsConfigError, TlsContextHolder
 from villaged.net.websocket import ALPN_HTTP_1_1, WebSocketSettings, serve_websocket
 from villaged.ops.metrics import Metrics
+from villaged.ops.monitor import MonitorService
 from villaged.ops.sdnotify import notify
 from villaged.storage.errors import StorageError
 from villaged.storage.store import Store, StoreOptions
@@ -88,6 +89,7 @@ class Node:
     sessions: SessionRegistry
     c2s: C2SContext
     status: NodeStatus
+    monitor: MonitorService
     admin: AdminContext | None = None  # operator access (the admin socket), once opened
 
 
@@ -179,6 +181,7 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
     presence = Presence(im, roster, on_available=messages.flush_offline, blocking=blocking)
     blocking.register(on_change=presence.blocking_changed)
     router = Router(im, messages=messages, presence=presence, blocking=blocking)
+    monitor = MonitorService(config.monitor)
     c2s = C2SContext(
         domain=domain,
         limits=config.c2s,
@@ -190,8 +193,9 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
         store_unacked=partial(stream_management.store_unacked, messages),
         disabled=views.account_status.is_disabled,
         metrics=metrics,
+        monitor=monitor,
     )
-    return Node(config, store, tls, sessions, c2s, NodeStatus(metrics))
+    return Node(config, store, tls, sessions, c2s, NodeStatus(metrics), monitor)
 
 
 def _node_metrics(store: Store, sessions: SessionRegistry) -> Metrics:
@@ -220,11 +224,13 @@ async def _open_operator_access(node: Node, views: FeatureViews) -> AdminContext
         raise StartupError(f"operator access (the [admin] section): {exc}") from exc
     admin.kick = kicker(node.sessions)
     admin.metrics = node.status.metrics
+    admin.monitor = node.monitor
     return admin
 
 
 async def _start_listeners(node: Node, nursery: trio.Nursery) -> None:
     config = node.config
+    await nursery.start(node.monitor.run)  # the alert command's runner
     if node.admin is not None:
         try:
             await nursery.start(serve_operator_access, node.admin, config)

@@ -37,8 +37,12 @@ class RawClient:
         self.features: ET.Element | None = None  # the last stream features (after login)
 
     @classmethod
-    async def connect(cls, port: int, ca_file: Path, *, direct_tls: bool = False) -> RawClient:
-        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    async def connect(
+        cls, port: int, ca_file: Path, *, direct_tls: bool = False, local_address: str | None = None
+    ) -> RawClient:
+        """Connect to the node on 127.0.0.1, from ``local_address`` (another loopback address,
+        such as 127.0.0.2, to look like another host) when given."""
+        tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=local_address)
         client = cls(tcp, tcp, ca_file)
         if direct_tls:
             try:

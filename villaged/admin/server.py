@@ -51,6 +51,7 @@ from villaged.admin.protocol import (
     refused,
 )
 from villaged.im.mam import PAYLOAD_RECORD, format_stamp, parse_stamp, unpack_stanza, unpack_with
+from villaged.ops import monitor
 from villaged.storage.errors import DecryptError, KeyManagementError, ShreddedError
 from villaged.storage.records import Record
 from villaged.storage.state import StateError
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from villaged.im.roster import RosterView
     from villaged.im.sessions import SessionRegistry
     from villaged.ops.metrics import Metrics
+    from villaged.ops.monitor import MonitorService
     from villaged.storage.store import Store
 
 log = logging.getLogger("villaged.admin.server")
@@ -135,6 +137,11 @@ class AdminContext:
     connections: int = 0
     per_uid: dict[int, int] = field(default_factory=dict)
     metrics: Metrics | None = None  # the node's Prometheus metrics (app.py)
+    monitor: MonitorService | None = None  # the node's security monitor (app.py)
+
+    def record_security(self, kind: str, key: str) -> None:
+        if self.monitor is not None:
+            self.monitor.record(kind, key)
 
     async def record(self, entry: Mapping[str, Any]) -> None:
         async with self.audit_lock:
@@ -147,6 +154,7 @@ class AdminContext:
                     "audit log unavailable",
                     extra={"event": "admin.audit_failed", "error": str(exc), "security": True},
                 )
+                self.record_security(monitor.AUDIT_WRITE_FAILURES, monitor.NODE_WIDE)
                 raise AuditUnavailableError(str(exc)) from exc
             if self.metrics is not None:
                 self.metrics.audit_record("success")
@@ -391,6 +399,7 @@ class AdminConnection:
                     "security": True,
                 },
             )
+            self.ctx.record_security(monitor.TOTP_FAILURES, self.operator)
             return refused(why, f"login refused: {why}")
         self.logged_in = True
         log.info("operator logged in", extra={"event": "admin.login", "operator": self.operator})
@@ -611,6 +620,7 @@ class AdminConnection:
                 "security": True,
             },
         )
+        self.ctx.record_security(monitor.GRANTS, monitor.NODE_WIDE)
         if self.ctx.notify_users:
             notice = ET.Element(
                 "{jabber:client}message", {"type": "headline", "from": self.ctx.domain}

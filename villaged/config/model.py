@@ -447,6 +447,47 @@ class AdminConfig:
     notify_users: bool = True
 
 
+def parse_argument(text: str) -> str:
+    """One argument of a command line (no NUL, which no argv entry can hold)."""
+    if not text or "\0" in text:
+        raise ValueError("a non-empty string without NUL")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorConfig:
+    """``[monitor]``: the security monitor's thresholds (counts within sliding windows) and
+    the command that is told about each alert (villaged.ops.monitor)."""
+
+    auth_failures_per_ip: int = field(default=10, metadata=setting(min=1, max=100_000))
+    auth_failures_per_account: int = field(default=20, metadata=setting(min=1, max=100_000))
+    auth_window: int = field(default=300, metadata=setting(min=1, max=86_400))
+    block_seconds: int = field(default=900, metadata=setting(min=0, max=7 * 86_400))
+    totp_failures: int = field(default=5, metadata=setting(min=1, max=10_000))
+    totp_window: int = field(default=600, metadata=setting(min=1, max=86_400))
+    grants_per_hour: int = field(default=10, metadata=setting(min=1, max=10_000))
+    tls_failures_per_minute: int = field(default=200, metadata=setting(min=1, max=1_000_000))
+    max_tracked_keys: int = field(default=10_000, metadata=setting(min=16, max=1_000_000))
+    alert_command: tuple[str, ...] = field(
+        default=(),
+        metadata=setting(
+            form='an array of strings, e.g. ["/usr/local/bin/villaged-alert", "--page"]',
+            item_form="a non-empty string",
+            parse=parse_argument,
+        ),
+    )
+    alert_timeout: int = field(default=10, metadata=setting(min=1, max=300))
+    max_alert_commands: int = field(default=4, metadata=setting(min=1, max=64))
+
+    def validate(self, name: Callable[[str], str]) -> None:
+        if self.alert_command and not self.alert_command[0].startswith("/"):
+            raise SettingError(
+                name("alert_command"),
+                f"the program must be an absolute path (no shell, no PATH search), got "
+                f"{self.alert_command[0]!r}",
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration: one field per section, plus the file it came from."""
@@ -459,4 +500,5 @@ class Config:
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     source: Path = field(default=Path("villaged.toml"), metadata=not_a_key())

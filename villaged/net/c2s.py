@@ -35,6 +35,7 @@ import trio
 
 from villaged.im.mam import has_im_content
 from villaged.im.sessions import Session
+from villaged.ops import monitor
 from villaged.storage.errors import StorageError
 from villaged.xmpp import c2s as core
 from villaged.xmpp.jid import JID
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from villaged.im.sessions import SessionRegistry
     from villaged.net.tls import TlsContextSource
     from villaged.ops.metrics import Metrics
+    from villaged.ops.monitor import MonitorService
     from villaged.storage.store import Store
     from villaged.xmpp.scram import ScramCredential
 
@@ -124,8 +126,19 @@ class C2SContext:
     disabled: Callable[[str], bool] | None = None
     # The node's Prometheus metrics (app.py); None counts nothing.
     metrics: Metrics | None = None
+    # The node's security monitor (app.py): counts failures, blocks addresses; None watches
+    # nothing.
+    monitor: MonitorService | None = None
 
     # ----- per-address limits, shared by the c2s and WebSocket listeners -------------------
+
+    def is_blocked(self, peer: str) -> bool:
+        """Whether the security monitor blocks ``peer`` (after repeated failed logins)."""
+        return self.monitor is not None and self.monitor.is_blocked(peer)
+
+    def record_security(self, kind: str, key: str) -> None:
+        if self.monitor is not None:
+            self.monitor.record(kind, key)
 
     def take_connection_slot(self, peer: str) -> bool:
         """Count a connection from ``peer``; False (and nothing counted) at the cap."""
@@ -297,6 +310,12 @@ class C2SConnection:
             with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
                 await self._close_transport("system-shutdown")
+            return
+        if self.ctx.is_blocked(self.peer):
+            _security("address blocked by the security monitor", "c2s.blocked", self)
+            with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
+                cleanup.shield = True
+                await self._close_transport("policy-violation")
             return
         if not self.ctx.take_connection_slot(self.peer):
             _security("too many connections from one address", "c2s.too_many_connections", self)
@@ -715,6 +734,7 @@ class C2SConnection:
                         "peer": self.peer,
                     },
                 )
+                self._auth_failed(event.username)
             elif isinstance(event, core.BindRequested):
                 self._bind(event.resource)
             elif isinstance(event, core.StreamEnded):
@@ -793,12 +813,25 @@ class C2SConnection:
             self.terminate("system-shutdown", "the server is shutting down")
         log.info("bound", extra={"event": "c2s.bound", "jid": str(full), "peer": self.peer})
 
+    def _auth_failed(self, username: str | None) -> None:
+        """Count a failed login for the security monitor; a client whose address it blocks
+        now is sent away at once rather than left to keep guessing on this stream."""
+        self.ctx.record_security(monitor.AUTH_FAILURES_PER_IP, self.peer)
+        if username:
+            self.ctx.record_security(
+                monitor.AUTH_FAILURES_PER_ACCOUNT, f"{username}@{self.ctx.domain}"
+            )
+        if self.ctx.is_blocked(self.peer):
+            _security("address blocked by the security monitor", "c2s.blocked", self)
+            self.terminate("policy-violation", "too many failed logins from your address")
+
     async def _start_tls(self) -> bool:
         try:
             self.transport = await self.ctx.tls_handshake(self.tcp, self.tls.context, self.peer)
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason = "handshake timed out" if isinstance(exc, trio.TooSlowError) else "failed"
             _security(f"TLS handshake {reason}", "c2s.tls_failed", self)
+            self.ctx.record_security(monitor.TLS_FAILURES, monitor.NODE_WIDE)
             self.stream.phase = core.Phase.CLOSED  # nothing more may be sent in the clear
             return False
         return True

@@ -70,6 +70,7 @@ from villaged.net.c2s import (
     TokenBucket,
     TransportRefusedError,
 )
+from villaged.ops import monitor
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -685,6 +686,12 @@ class WebSocketConnection:
         self._holds_slot = False
 
     async def run(self) -> None:
+        if self.ctx.is_blocked(self.peer):
+            self._refused("address blocked by the security monitor", "websocket.blocked")
+            with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
+                cleanup.shield = True
+                await self.tcp.aclose()
+            return
         if not self._take_slot():
             self._refused("too many connections from one address", "websocket.too_many_connections")
             with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
@@ -725,6 +732,7 @@ class WebSocketConnection:
         except (trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason = "timed out" if isinstance(exc, trio.TooSlowError) else "failed"
             self._refused(f"TLS handshake {reason}", "websocket.tls_failed")
+            self.ctx.record_security(monitor.TLS_FAILURES, monitor.NODE_WIDE)
             return None
 
     # ----- HTTP ------------------------------------------------------------------------------
