@@ -65,11 +65,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from villaged.storage.crypto import Keyset
+    from villaged.ops.hostcheck import audit_host
 
     config = _config(args)
-    check_config_files(config)
-    Keyset.load(config.storage.keyset)
+    findings = audit_host(config, now=datetime.now(UTC))
+    for finding in findings:
+        # Verdicts worth reading go where diagnostics go; the ok lines are the report.
+        print(finding, file=sys.stdout if finding.severity == "ok" else sys.stderr)
+    errors = sum(finding.severity == "error" for finding in findings)
+    if errors:
+        raise CommandError(f"{errors} problem{'s' if errors > 1 else ''}")
     print(f"{args.config}: ok")
     return 0
 
@@ -153,6 +158,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 print(f"pruned {path}")
             return 0
         public_key = Path(args.public_key) if args.public_key else None
+        if public_key is None and args.config:
+            # The node's own public key, kept beside the keyset: a backup re-signed with
+            # another key (and carrying that key) fails against it.
+            trusted = _config(args).storage.keyset.parent / backup.PUBLIC_KEY
+            public_key = trusted if trusted.is_file() else None
         if args.backup_command == "verify":
             keyset = _config(args).storage.keyset if args.config else None
             checked = backup.verify_backup(Path(args.dir), public_key=public_key, keyset=keyset)
@@ -265,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="regenerate keys, certificate, config")
     p.add_argument("--demo-users", action="store_true", help="also create demo accounts")
 
-    with_config(add("check", cmd_check, "validate a config and the files it names"))
+    with_config(
+        add("check", cmd_check, "validate a config and audit the host: file modes, TLS, listeners")
+    )
     with_config(add("run", cmd_run, "run the node in the foreground"))
 
     keys = sub.add_parser("keys", help="manage the key-encryption keyset")

@@ -189,6 +189,8 @@ def test_a_forged_manifest_is_caught_with_the_public_key_kept_elsewhere(
     )
     kept = made[0].storage.keyset.parent / backup.PUBLIC_KEY
     expect_failure(copy, "signature does not verify with", capsys, "--public-key", str(kept))
+    # With the node's config, its own public key (beside the keyset) is used by default.
+    expect_failure(copy, "signature does not verify with", capsys, "-c", str(made[0].source))
 
 
 def test_a_restored_node_serves_the_users_and_their_archives(
@@ -202,6 +204,13 @@ def test_a_restored_node_serves_the_users_and_their_archives(
     with pytest.raises(SystemExit):  # a second restore refuses the now non-empty directory
         main(["backup", "restore", str(directory), "-c", str(restored_path)])
     assert stat.S_IMODE(restored.storage.dir.stat().st_mode) == 0o700
+    # Private keys never travel in a backup: the audit signing key is restored from where it
+    # is kept, like the keyset; the node secret is made afresh.
+    key = config.storage.dir / "audit" / "audit-signing.key"
+    assert not list(directory.rglob("audit-signing.key"))
+    assert not list(directory.rglob("sasl_unknown_user"))
+    shutil.copyfile(key, restored.storage.dir / "audit" / "audit-signing.key")
+    (restored.storage.dir / "audit" / "audit-signing.key").chmod(0o600)
 
     async def check() -> None:
         from functools import partial

@@ -86,6 +86,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -110,10 +111,19 @@ from villaged.storage.store import Store, StoreOptions
 from villaged.storage.verify import verify_store
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from villaged.config import Config
 
 FORMAT: Final = "villaged-backup 1"
 PREFIX: Final = "villaged-backup-"
+_BACKUP_NAME: Final = re.compile(r"villaged-backup-\d{8}T\d{12}Z")
+#: Files in the data directory that are never copied: private keys and node secrets. Like the
+#: keyset, they are kept apart from backups (a backup must not be able to forge audit
+#: checkpoints); a restored node makes a new node secret, and needs the audit signing key
+#: restored from where it is kept.
+_SECRET_NAMES: Final = frozenset({"audit-signing.key", "backup-signing.key"})
+_SECRET_DIRECTORIES: Final = frozenset({"secrets"})
 MANIFEST: Final = "manifest.json"
 SIGNATURE: Final = "manifest.sig"
 PUBLIC_KEY: Final = "backup-signing.pub"
@@ -175,7 +185,7 @@ def create_backup(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(mode=0o700)
     try:
-        log_info = _copy_data_directory(source, staging / DATA)
+        log_info = _copy_data_directory(source, staging / DATA, _secret_check(config))
         files = _file_entries(staging)
         users, counts = _replay_digests(staging / DATA, config.storage.keyset)
         manifest: dict[str, Any] = {
@@ -197,19 +207,39 @@ def create_backup(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    pruned = prune_backups(target, keep) if keep is not None else ()
+    pruned = prune_backups(target, keep, protect=final) if keep is not None else ()
     return CreateResult(
         final, int(log_info["last_index"]), counts["users"], counts["archived_messages"], pruned
     )
 
 
-def _copy_data_directory(source: Path, destination: Path) -> dict[str, int]:
+def _secret_check(config: Config) -> Callable[[Path], bool]:
+    """Whether a file of the data directory is a secret that stays out of backups."""
+    keyset = config.storage.keyset.resolve()
+    data = config.storage.dir.resolve()
+
+    def secret(path: Path) -> bool:
+        resolved = path.resolve()
+        if resolved == keyset or path.name in _SECRET_NAMES:
+            return True
+        try:
+            relative = resolved.relative_to(data)
+        except ValueError:
+            return False
+        return relative.parts[0] in _SECRET_DIRECTORIES
+
+    return secret
+
+
+def _copy_data_directory(
+    source: Path, destination: Path, secret: Callable[[Path], bool]
+) -> dict[str, int]:
     for _ in range(COPY_ATTEMPTS):
         shutil.rmtree(destination, ignore_errors=True)
         destination.mkdir(mode=0o700)
         try:
             info = _copy_log(source / "log", destination / "log")
-            _copy_tree(source, destination, skip_top=frozenset({"LOCK", "log"}))
+            _copy_tree(source, destination, skip_top=frozenset({"LOCK", "log"}), secret=secret)
         except FileNotFoundError:
             continue  # compaction removed a listed file: start the copy again
         return info
@@ -251,7 +281,13 @@ def _segment_name(names: list[str], base: int) -> str:
     return next(n for n in names if parse_segment_file_name(n) == base)
 
 
-def _copy_tree(source: Path, destination: Path, *, skip_top: frozenset[str]) -> None:
+def _copy_tree(
+    source: Path,
+    destination: Path,
+    *,
+    skip_top: frozenset[str],
+    secret: Callable[[Path], bool],
+) -> None:
     count = 0
     for directory, subdirs, filenames in os.walk(source):
         here = Path(directory)
@@ -269,6 +305,8 @@ def _copy_tree(source: Path, destination: Path, *, skip_top: frozenset[str]) -> 
             path = here / filename
             if _is_temporary(filename) or not path.is_file() or path.is_symlink():
                 continue
+            if secret(path):
+                continue  # private keys and node secrets never leave the host in a backup
             if filename.endswith(".jsonl"):
                 data = path.read_bytes()
                 _write_private(destination / relative / filename, data[: data.rfind(b"\n") + 1])
@@ -387,7 +425,11 @@ def find_backup(directory: Path) -> Path:
 
 def list_backups(directory: Path) -> list[Path]:
     """Backups in ``directory``, oldest first (their names sort by time)."""
-    return sorted(p for p in directory.iterdir() if p.name.startswith(PREFIX) and p.is_dir())
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if _BACKUP_NAME.fullmatch(p.name) and not p.is_symlink() and p.is_dir()
+    )
 
 
 def verify_backup(
@@ -522,12 +564,16 @@ def _refuse_if_locked(lock: Path) -> None:
 # ----- retention -----------------------------------------------------------------------------
 
 
-def prune_backups(target: Path, keep: int) -> tuple[Path, ...]:
-    """Delete the oldest backups in ``target`` beyond the newest ``keep``."""
-    backups = list_backups(target)
-    doomed = tuple(backups[: max(0, len(backups) - keep)])
+def prune_backups(target: Path, keep: int, *, protect: Path | None = None) -> tuple[Path, ...]:
+    """Delete the oldest backups in ``target`` beyond the newest ``keep`` (never ``protect``,
+    the one just made, even if a clock step made its name sort first)."""
+    backups = [p for p in list_backups(target) if p != protect]
+    doomed = tuple(backups[: max(0, len(backups) - (keep - (protect is not None)))])
     for path in doomed:
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            raise BackupError(f"{path}: cannot remove an old backup ({exc.strerror})") from None
     return doomed
 
 
