@@ -576,6 +576,8 @@ class AdminConnection:
         else:
             result = self._account(user)
         # The access is on record, with what it returned (its hash), before anything is sent.
+        # Inspections count with grants towards the monitor's "unusual number of accesses".
+        self.ctx.record_security(monitor.GRANTS, monitor.NODE_WIDE)
         await self._audit(
             command,
             "ok",

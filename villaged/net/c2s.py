@@ -816,11 +816,13 @@ class C2SConnection:
     def _auth_failed(self, username: str | None) -> None:
         """Count a failed login for the security monitor; a client whose address it blocks
         now is sent away at once rather than left to keep guessing on this stream."""
-        self.ctx.record_security(monitor.AUTH_FAILURES_PER_IP, self.peer)
-        if username:
-            self.ctx.record_security(
-                monitor.AUTH_FAILURES_PER_ACCOUNT, f"{username}@{self.ctx.domain}"
-            )
+        if self.peer != "unknown":  # (a shared key would let one client block many)
+            self.ctx.record_security(monitor.AUTH_FAILURES_PER_IP, self.peer)
+        account = f"{username}@{self.ctx.domain}" if username else None
+        # Only accounts that exist are tracked: guesses at made-up names must not be able to
+        # crowd the real ones out of the monitor's bounded memory.
+        if account is not None and account in self.ctx.store.state.accounts:
+            self.ctx.record_security(monitor.AUTH_FAILURES_PER_ACCOUNT, account)
         if self.ctx.is_blocked(self.peer):
             _security("address blocked by the security monitor", "c2s.blocked", self)
             self.terminate("policy-violation", "too many failed logins from your address")

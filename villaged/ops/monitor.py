@@ -19,8 +19,11 @@ small queue full are logged and dropped, never waited for.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
 import subprocess
 import time
 from collections import OrderedDict, deque
@@ -228,6 +231,7 @@ class MonitorService:
                         stderr=subprocess.DEVNULL,
                         check=False,
                         deliver_cancel=_kill,
+                        start_new_session=True,  # its own process group, killed as a whole
                     )
                 except OSError as exc:
                     _command_failed(alert, f"cannot run {argv[0]}: {exc.strerror or exc}")
@@ -241,6 +245,9 @@ class MonitorService:
 
 
 async def _kill(process: trio.Process) -> None:
+    """Kill the command and everything it started (a shell's children, a curl)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
     process.kill()
 
 
