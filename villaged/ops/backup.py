@@ -298,7 +298,9 @@ def _copy_tree(
         subdirs.sort()
         for sub in subdirs:
             (destination / relative / sub).mkdir(mode=0o700, exist_ok=True)
-        for filename in sorted(filenames):
+        # Signed audit checkpoints before the audit log they cover: a checkpoint copied after
+        # the log could cover records the copy does not have.
+        for filename in sorted(filenames, key=lambda name: (name != "checkpoints", name)):
             count += 1
             if count > MAX_FILES:
                 raise BackupError(f"{source} holds more than {MAX_FILES} files")
@@ -307,7 +309,7 @@ def _copy_tree(
                 continue
             if secret(path):
                 continue  # private keys and node secrets never leave the host in a backup
-            if filename.endswith(".jsonl"):
+            if filename.endswith(".jsonl") or filename == "checkpoints":  # appended live
                 data = path.read_bytes()
                 _write_private(destination / relative / filename, data[: data.rfind(b"\n") + 1])
             else:
