@@ -249,3 +249,32 @@ def test_keep_prunes_the_oldest_backups_only(
         backup.create_backup(config, target, keep=0)
     assert not any(p.name.startswith(".") for p in target.iterdir())
     assert os.listdir(target / names[-1])
+
+
+def test_a_restore_cut_short_leaves_the_old_data_directory_as_it_was(
+    made: tuple[Config, Path, set[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, directory, _ = made
+    target_path = write_node_config(tmp_path / "target")
+    target = load_config(target_path)
+    shutil.copyfile(config.storage.keyset, target.storage.keyset)
+    target.storage.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (target.storage.dir / "old-data").write_bytes(b"what was here before")
+    copied: list[Path] = []
+    real_copy = backup._copy_file
+
+    def fail_on_the_third(source: Path, destination: Path) -> None:
+        copied.append(destination)
+        if len(copied) == 3:
+            raise OSError(28, "No space left on device")
+        real_copy(source, destination)
+
+    monkeypatch.setattr(backup, "_copy_file", fail_on_the_third)
+    with pytest.raises(backup.BackupError, match="No space left on device"):
+        backup.restore_backup(directory, target, force=True)
+    assert sorted(p.name for p in target.storage.dir.iterdir()) == ["old-data"]
+    assert [p.name for p in target.storage.dir.parent.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.setattr(backup, "_copy_file", real_copy)
+    backup.restore_backup(directory, target, force=True)  # and then it works, replacing it
+    assert not (target.storage.dir / "old-data").exists()
+    assert (target.storage.dir / "FORMAT").is_file()

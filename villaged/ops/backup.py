@@ -537,18 +537,50 @@ def restore_backup(
         lock = destination / "LOCK"
         if lock.exists():
             _refuse_if_locked(lock)
-        shutil.rmtree(destination)
-    destination.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(destination, 0o700)
-    source = result.directory / DATA
-    for directory_name, subdirs, filenames in os.walk(source):
-        here = Path(directory_name)
-        relative = here.relative_to(source)
-        for sub in sorted(subdirs):
-            (destination / relative / sub).mkdir(mode=0o700)
-        for filename in sorted(filenames):
-            _copy_file(here / filename, destination / relative / filename)
+    # Built beside the target and swapped in by renames: until the last rename the old data
+    # directory is untouched, and a restore cut short leaves no half-filled directory that a
+    # node would start on.
+    parent = destination.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = parent / f".{destination.name}.restore-partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(mode=0o700)
+        os.chmod(staging, 0o700)
+        source = result.directory / DATA
+        for directory_name, subdirs, filenames in os.walk(source):
+            here = Path(directory_name)
+            relative = here.relative_to(source)
+            for sub in sorted(subdirs):
+                if (here / sub).is_symlink():
+                    raise BackupError(f"{here / sub}: a symbolic link in a backup")
+                (staging / relative / sub).mkdir(mode=0o700)
+            for filename in sorted(filenames):
+                if not (here / filename).is_file() or (here / filename).is_symlink():
+                    raise BackupError(f"{here / filename}: not a regular file")
+                _copy_file(here / filename, staging / relative / filename)
+        for directory_name, _, _ in os.walk(staging, topdown=False):
+            _fsync_path(Path(directory_name))
+        replaced = parent / f".{destination.name}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        if destination.exists():
+            destination.rename(replaced)
+        staging.rename(destination)
+        _fsync_path(parent)
+        shutil.rmtree(replaced, ignore_errors=True)
+    except OSError as exc:
+        raise BackupError(f"restoring into {destination}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _refuse_if_locked(lock: Path) -> None:
