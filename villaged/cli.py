@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the command failed, 2 the command line was wrong.
 from __future__ import annotations
 
 import argparse
+import pwd
 import sys
 import time
 from datetime import UTC, datetime
@@ -68,7 +69,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from villaged.ops.hostcheck import audit_host
 
     config = _config(args)
-    findings = audit_host(config, now=datetime.now(UTC))
+    uid: int | None = None
+    if args.user:
+        try:
+            uid = pwd.getpwnam(args.user).pw_uid
+        except KeyError:
+            raise CommandError(f"--user {args.user}: no such user on this host") from None
+    findings = audit_host(config, now=datetime.now(UTC), uid=uid)
     for finding in findings:
         # Verdicts worth reading go where diagnostics go; the ok lines are the report.
         print(finding, file=sys.stdout if finding.severity == "ok" else sys.stderr)
@@ -275,8 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="regenerate keys, certificate, config")
     p.add_argument("--demo-users", action="store_true", help="also create demo accounts")
 
-    with_config(
+    p = with_config(
         add("check", cmd_check, "validate a config and audit the host: file modes, TLS, listeners")
+    )
+    p.add_argument(
+        "--user",
+        metavar="NAME",
+        help="the service's user, whom files must belong to (default: whoever runs the check)",
     )
     with_config(add("run", cmd_run, "run the node in the foreground"))
 

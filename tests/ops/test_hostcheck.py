@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import grp
 import os
+import pwd
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -260,3 +261,20 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         "villaged: error: 2 problems",
     ]
     assert f"{result.config}: ok" not in out
+
+
+def test_cli_checks_owners_against_a_named_user(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = init_dev(tmp_path / "n", now=dt.datetime.now(dt.UTC))
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    assert main(["check", "-c", str(result.config), "--user", me]) == 0
+    other = next((u.pw_name for u in pwd.getpwall() if u.pw_uid not in (os.geteuid(), 0)), None)
+    capsys.readouterr()
+    if other is not None:  # the files belong to whoever made them, not to that user
+        with pytest.raises(SystemExit):
+            main(["check", "-c", str(result.config), "--user", other])
+        assert f"is owned by uid {os.geteuid()}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["check", "-c", str(result.config), "--user", "no-such-user-here"])
+    assert "no such user" in capsys.readouterr().err
