@@ -59,6 +59,7 @@ from villaged.net.websocket import (
     default_public_url,
     origin_of,
 )
+from villaged.ops.monitor import AUTH_FAILURES_PER_IP
 from villaged.ops.provision import init_dev
 from villaged.storage.store import StoreOptions, open_store
 from villaged.xmpp.jid import JID
@@ -894,3 +895,17 @@ def test_host_meta_documents() -> None:
     xrd = ET.fromstring(site.host_meta_xrd)  # noqa: S314 - our own output
     assert [link.get("href") for link in xrd] == ["wss://example.org/ws?a=1&b='2'"]
     assert json.loads(site.host_meta_json)["links"][0]["href"] == "wss://example.org/ws?a=1&b='2'"
+
+
+async def test_an_address_the_monitor_blocks_is_turned_away(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    monitor = harness.node.monitor
+    assert monitor is not None
+    for _ in range(monitor.config.auth_failures_per_ip):
+        monitor.record(AUTH_FAILURES_PER_IP, "127.0.0.1")
+    assert monitor.is_blocked("127.0.0.1")
+    with pytest.raises(Exception):  # noqa: B017, PT011 - closed before TLS: the error varies
+        async with harness.websocket():
+            pass
+    assert "websocket.blocked" in security_events(caplog)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -307,3 +308,31 @@ async def test_brute_force_blocks_the_address_and_alerts(
     for client in (bob, carol, alice):
         await client.aclose()
     nursery.cancel_scope.cancel()
+
+
+async def test_repeated_totp_failures_raise_an_alert(tmp_path: Path, nursery: trio.Nursery) -> None:
+    from datetime import UTC, datetime
+
+    from villaged.admin.client import AdminCommandError, run_command
+    from villaged.admin.operators import OperatorStore
+    from villaged.storage import crypto
+
+    script, out = _recorder(tmp_path)
+    running = await start_node(
+        nursery,
+        tmp_path,
+        extra_toml=(
+            "[monitor]\ntotp_failures = 3\n"
+            f"alert_command = [{json.dumps(script)}, {json.dumps(str(out))}]"
+        ),
+    )
+    config = running.config
+    operators = OperatorStore.open(
+        config.storage.dir / "admin", crypto.Keyset.load(config.storage.keyset)
+    )
+    operators.enroll("ops1", os.getuid(), datetime.now(UTC).timestamp())
+    for _ in range(3):
+        with pytest.raises(AdminCommandError, match="wrong-code"):
+            await run_command(config.admin.socket, "status", {}, iter(["000000"]), False)
+    (document,) = await _wait_for_lines(out, 1)
+    assert (document["rule"], document["key"], document["count"]) == ("totp_failures", "ops1", 3)
