@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 import time
 from datetime import UTC, datetime
@@ -11,27 +10,14 @@ from typing import TYPE_CHECKING
 import pyotp
 import pytest
 
+from tests.test_cli import run
 from villaged.admin.operators import LoginResult, OperatorStore
-from villaged.cli import main
 from villaged.config import load_config
 from villaged.ops.provision import init_dev
 from villaged.storage.crypto import Keyset
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-
-def run(
-    argv: list[str], capsys: pytest.CaptureFixture[str], stdin: str = ""
-) -> tuple[int, str, str]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("sys.stdin", io.StringIO(stdin))
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

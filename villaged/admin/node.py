@@ -19,7 +19,7 @@ from villaged.admin.server import AdminContext, serve_admin
 from villaged.storage import crypto
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from villaged.config import Config
     from villaged.im.handlers import HandlerRegistry
@@ -75,9 +75,7 @@ class OperatorsAdapter:
 
 
 def _outcome(result: LoginResult) -> tuple[bool, str]:
-    code = result.value if hasattr(result, "value") else str(result)
-    text = str(code).replace("_", "-")
-    return text == "ok", text
+    return result.ok, result.value.replace("_", "-")
 
 
 @dataclass
@@ -166,7 +164,7 @@ async def _checkpoints(ctx: AdminContext, interval: float) -> None:
             )
 
 
-def kicker(sessions: SessionRegistry) -> Any:
+def kicker(sessions: SessionRegistry) -> Callable[[JID], int]:
     def kick(jid: JID) -> int:
         targets = (
             [s for s in [sessions.get(jid)] if s is not None]
