@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -36,6 +37,8 @@ from villaged.net.c2s import C2SContext, serve_c2s
 from villaged.net.http import Response, serve_http
 from villaged.net.tls import ALPN_XMPP_CLIENT, ServerTlsSpec, TlsConfigError, TlsContextHolder
 from villaged.net.websocket import ALPN_HTTP_1_1, WebSocketSettings, serve_websocket
+from villaged.ops.backup import read_backup_status
+from villaged.ops.logging import reopen_log_files
 from villaged.ops.metrics import Metrics
 from villaged.ops.monitor import MonitorService
 from villaged.ops.sdnotify import notify
@@ -43,6 +46,8 @@ from villaged.storage.errors import StorageError
 from villaged.storage.store import Store, StoreOptions
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from villaged.admin.server import AdminContext
     from villaged.config.model import Config
 
@@ -167,7 +172,7 @@ def _tune_garbage_collector() -> None:
 def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: FeatureViews) -> Node:
     domain = config.server.domain
     sessions = SessionRegistry()
-    metrics = _node_metrics(store, sessions)
+    metrics = _node_metrics(store, sessions, config.backup.dir)
     handlers = HandlerRegistry()
     im = ImContext(domain, store, sessions, handlers)
     server_info.register(handlers)
@@ -195,13 +200,17 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
         metrics=metrics,
         monitor=monitor,
     )
+    monitor.block_listeners.append(c2s.end_unauthenticated_streams)
     return Node(config, store, tls, sessions, c2s, NodeStatus(metrics), monitor)
 
 
-def _node_metrics(store: Store, sessions: SessionRegistry) -> Metrics:
-    """The node's own registry, reading the session count and the log when scraped."""
+def _node_metrics(store: Store, sessions: SessionRegistry, backups: Path | None) -> Metrics:
+    """The node's own registry, reading the session count, the log and the backup directory
+    when scraped."""
     metrics = Metrics()
     metrics.watch(sessions=sessions.__len__, log_last_index=lambda: store.log.last_index)
+    if backups is not None:
+        metrics.watch_backups(partial(read_backup_status, backups), time.time)
     store.log.on_batch_written = metrics.observe_batch
     return metrics
 
@@ -323,6 +332,8 @@ async def _serve_signals(node: Node) -> None:
 
 def _reload(node: Node) -> None:
     notify("RELOADING=1")
+    for problem in reopen_log_files():
+        log.error(problem, extra={"event": "node.log_reopen_failed"})
     try:
         summary = node.tls.reload()
     except TlsConfigError as exc:

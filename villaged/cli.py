@@ -92,7 +92,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     check_config_files(config)
-    configure_logging(config.log.level, config.server.node)
+    try:
+        configure_logging(config.log.level, config.server.node, file=config.log.file)
+    except OSError as exc:
+        raise CommandError(
+            f"cannot open the log file {config.log.file} ([log] file): {exc.strerror or exc}"
+        ) from None
     trio.run(run_node, config)
     return 0
 
@@ -156,7 +161,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     try:
         if args.backup_command == "create":
-            made = backup.create_backup(_config(args), Path(args.to), keep=args.keep)
+            config = _config(args)
+            target = Path(args.to) if args.to else config.backup.dir
+            if target is None:
+                raise CommandError(
+                    f"where to? pass --to DIR or set [backup] dir in {config.source}"
+                )
+            made = backup.create_backup(config, target, keep=args.keep)
             print(
                 f"backup {made.directory}: log up to index {made.last_index}, {made.users} users,"
                 f" {made.archived_messages} archived messages"
@@ -174,6 +185,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
             keyset = _config(args).storage.keyset if args.config else None
             checked = backup.verify_backup(Path(args.dir), public_key=public_key, keyset=keyset)
             verb = "ok"
+            try:
+                backup.record_verified(checked)
+            except OSError as exc:  # the backup is fine; the node's metric will show it stale
+                print(
+                    f"villaged: warning: cannot note the verification beside the backup: {exc}",
+                    file=sys.stderr,
+                )
         else:
             checked = backup.restore_backup(
                 Path(args.dir), _config(args), force=args.force, public_key=public_key
@@ -321,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup = sub.add_parser("backup", help="verified backups of the data directory")
     backup_sub = backup.add_subparsers(dest="backup_command", required=True, metavar="ACTION")
     p = with_config(backup_sub.add_parser("create", help="back up a (running) node"))
-    p.add_argument("--to", required=True, metavar="DIR", help="where backups are kept")
+    p.add_argument("--to", metavar="DIR", help="where backups are kept (default: [backup] dir)")
     p.add_argument("--keep", type=int, metavar="N", help="then keep only the newest N backups")
     p.set_defaults(func=cmd_backup)
     p = backup_sub.add_parser("verify", help="check a backup (or the newest in DIR) by replay")

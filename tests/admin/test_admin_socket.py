@@ -23,6 +23,7 @@ from villaged.admin.client import AdminCommandError, _Session, run_command
 from villaged.admin.operators import OperatorStore
 from villaged.admin.transparency import NS_ACCESS
 from villaged.cli import main
+from villaged.ops.monitor import Rule
 from villaged.storage import crypto
 from villaged.xmpp.jid import JID
 
@@ -172,8 +173,17 @@ async def test_two_person_rule_refuses_self_approval(admin: Admin) -> None:
     assert await admin.refused("grant.approve", grant=grant) == "self-approval"
 
 
+def alerts(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """The (rule, key) of every security alert logged."""
+    return [
+        (r.__dict__["rule"], r.__dict__["key"])
+        for r in caplog.records
+        if r.__dict__.get("event") == "security.alert"
+    ]
+
+
 async def test_inspection_fails_closed_when_the_audit_log_cannot_be_written(
-    admin: Admin, monkeypatch: pytest.MonkeyPatch
+    admin: Admin, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     grant = await admin.grant()
     assert admin.running.node.admin is not None
@@ -186,6 +196,20 @@ async def test_inspection_fails_closed_when_the_audit_log_cannot_be_written(
     with pytest.raises(AdminCommandError, match="audit-unavailable") as caught:
         await admin.run("inspect", what="account", jid=ALICE, grant=grant)
     assert "exists" not in str(caught.value)
+    # The security monitor pages someone: a failed audit write always raises an alert.
+    assert ("audit_write_failures", "node") in alerts(caplog)
+
+
+async def test_an_unusual_number_of_grants_raises_an_alert(
+    admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = admin.running.node.monitor.core
+    core.rules = {**core.rules, "grants": Rule("grants", 3, 3600)}  # the node's rule, lowered
+    for _ in range(2):
+        await admin.grant()
+    assert alerts(caplog) == []
+    await admin.grant()
+    assert alerts(caplog) == [("grants", "node")]
 
 
 async def test_the_user_sees_the_access_and_is_told(admin: Admin) -> None:

@@ -63,6 +63,7 @@ allowed_origins = ["HTTPS://Chat.Example.org", "https://example.org:8443", "http
 public_url = "wss://chat.example.org/ws/xmpp"
 ping_interval = 3600
 ping_timeout = 1
+trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "2001:DB8::/32"]
 """,
         )
     )
@@ -77,6 +78,7 @@ ping_timeout = 1
         public_url="wss://chat.example.org/ws/xmpp",
         ping_interval=3600,
         ping_timeout=1,
+        trusted_proxies=("127.0.0.1/32", "10.0.0.0/8", "2001:db8::/32"),
     )
 
 
@@ -125,6 +127,12 @@ def test_an_empty_origin_list_is_kept_empty(tmp_path: Path) -> None:
             "ping_timeout = 601",
             "websocket.ping_timeout: expected an integer from 1 to 600, got 601",
         ),
+        (
+            'trusted_proxies = ["10.0.0.1/8"]',
+            "websocket.trusted_proxies[0]: expected an IP address or network such as 10.0.0.0/8,"
+            ' got "10.0.0.1/8" (not an IP address or network (10.0.0.1/8 has host bits set))',
+        ),
+        ('trusted_proxies = ["proxy.local"]', "websocket.trusted_proxies[0]: expected an IP"),
         ("pings = 1", 'unknown key "websocket.pings" (known: path, allowed_origins, public_url'),
     ],
 )

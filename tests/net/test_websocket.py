@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ from villaged.net.websocket import (
     WebSocketSettings,
     answer_request,
     default_public_url,
+    forwarded_client,
     origin_of,
 )
 from villaged.ops.monitor import AUTH_FAILURES_PER_IP
@@ -181,12 +183,16 @@ class Harness:
         *,
         subprotocols: Sequence[str] | None = ("xmpp",),
         origin: str | None = None,
+        forwarded_for: str | None = None,
     ) -> AsyncIterator[ClientConnection]:
         async with connect(
             self.url,
             ssl=self.client_tls,
             subprotocols=None if subprotocols is None else [Subprotocol(s) for s in subprotocols],
             origin=None if origin is None else Origin(origin),
+            additional_headers=None
+            if forwarded_for is None
+            else {"X-Forwarded-For": forwarded_for},
             proxy=None,
             open_timeout=10,
             ping_interval=None,  # only the server's pings
@@ -197,8 +203,10 @@ class Harness:
             yield ws
 
     @contextlib.asynccontextmanager
-    async def xmpp(self, user: str, *, origin: str | None = None) -> AsyncIterator[WsXmpp]:
-        async with self.websocket(origin=origin) as ws:
+    async def xmpp(
+        self, user: str, *, origin: str | None = None, forwarded_for: str | None = None
+    ) -> AsyncIterator[WsXmpp]:
+        async with self.websocket(origin=origin, forwarded_for=forwarded_for) as ws:
             client = WsXmpp(ws)
             await client.login(user)
             yield client
@@ -909,3 +917,67 @@ async def test_an_address_the_monitor_blocks_is_turned_away(
         async with harness.websocket():
             pass
     assert "websocket.blocked" in security_events(caplog)
+
+
+async def test_behind_a_trusted_proxy_clients_are_counted_and_blocked_by_their_own_address(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await start_harness(
+        nursery,
+        tmp_path / "n",
+        c2s_toml="max_connections_per_ip = 1",
+        websocket_toml='trusted_proxies = ["127.0.0.0/30"]\n',
+    )
+    # Two clients through the proxy: each counted by its own address, the proxy not at all.
+    # The client wrote the leftmost entry itself; the proxies' entries are trusted.
+    async with (
+        h.xmpp("alice", forwarded_for="198.51.100.7") as alice,
+        h.xmpp("bob", forwarded_for="203.0.113.66, 198.51.100.8, 127.0.0.2") as bob,
+    ):
+        assert h.node.c2s.connections_per_ip == {"198.51.100.7": 1, "198.51.100.8": 1}
+        await alice.chat("bob@localhost", "through the proxy")
+        assert (await bob.message()).findtext("{jabber:client}body") == "through the proxy"
+        with pytest.raises(InvalidStatus) as refused:  # the cap, for that client address
+            async with h.websocket(forwarded_for="198.51.100.7"):
+                pass
+        assert refused.value.response.status_code == 503
+    assert "websocket.too_many_connections" in security_events(caplog)
+    monitor = h.node.monitor
+    for _ in range(monitor.config.auth_failures_per_ip):
+        monitor.record(AUTH_FAILURES_PER_IP, "198.51.100.9")
+    with pytest.raises(InvalidStatus) as refused:
+        async with h.websocket(forwarded_for="198.51.100.9"):
+            pass
+    assert refused.value.response.status_code == 403
+    async with h.xmpp("carol", forwarded_for="not-an-address, 198.51.100.10"):
+        # Behind an entry that is no address nothing is believed: the proxy's own stands.
+        assert h.node.c2s.connections_per_ip == {"198.51.100.10": 1}
+    async with h.xmpp("carol", forwarded_for="198.51.100.11, junk"):
+        assert h.node.c2s.connections_per_ip == {"127.0.0.1": 1}
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("headers", "client"),
+    [
+        ([], None),
+        ([(b"x-forwarded-for", b"198.51.100.1")], "198.51.100.1"),
+        ([(b"x-forwarded-for", b"192.0.2.1, 198.51.100.1, 10.1.2.3")], "198.51.100.1"),
+        ([(b"x-forwarded-for", b"192.0.2.1"), (b"x-forwarded-for", b"10.0.0.9")], "192.0.2.1"),
+        ([(b"x-forwarded-for", b"10.0.0.8, 10.0.0.9")], "10.0.0.8"),
+        ([(b"x-forwarded-for", b"[2001:db8::1]")], "2001:db8::1"),
+        ([(b"x-forwarded-for", b"::ffff:192.0.2.4")], "192.0.2.4"),
+        ([(b"x-forwarded-for", b"192.0.2.1, unknown")], None),
+        ([(b"x-forwarded-for", b",".join([b"10.0.0.1"] * 40))], "10.0.0.1"),
+    ],
+)
+def test_the_forwarded_client_is_the_rightmost_untrusted_hop(
+    headers: list[tuple[bytes, bytes]], client: str | None
+) -> None:
+    settings = WebSocketSettings(
+        "/ws", "wss://example.org/ws", (), 30, 15, (ipaddress.ip_network("10.0.0.0/8"),)
+    )
+    assert forwarded_client(headers, settings) == client
+    assert settings.is_trusted_proxy("10.9.9.9")
+    assert not settings.is_trusted_proxy("11.0.0.1")
+    assert not settings.is_trusted_proxy("unknown")

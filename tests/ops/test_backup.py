@@ -18,10 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.e2e.test_durability import archived_bodies
 from tests.net.rawclient import RawClient
-from tests.nodes import start_node, write_node_config
+from tests.nodes import add_users, start_node, write_node_config
 from villaged.cli import main
 from villaged.config import load_config
 from villaged.ops import backup
+from villaged.storage.store import StoreOptions, open_store
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -278,3 +279,88 @@ def test_a_restore_cut_short_leaves_the_old_data_directory_as_it_was(
     backup.restore_backup(directory, target, force=True)  # and then it works, replacing it
     assert not (target.storage.dir / "old-data").exists()
     assert (target.storage.dir / "FORMAT").is_file()
+
+
+def test_create_needs_a_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_node_config(tmp_path / "node")
+    with pytest.raises(SystemExit) as exit_:
+        main(["backup", "create", "-c", str(config)])
+    assert exit_.value.code != 0
+    err = capsys.readouterr().err
+    assert err.startswith("villaged: error: where to? pass --to DIR or set [backup] dir in ")
+    assert err.count("\n") == 1
+
+
+def test_the_backup_status_ignores_a_damaged_or_stale_note(tmp_path: Path) -> None:
+    assert backup.read_backup_status(tmp_path / "absent") == backup.BackupStatus(None, None, 0)
+    kept = tmp_path / "villaged-backup-20261129T101500000000Z"
+    kept.mkdir()
+    status = tmp_path / backup.VERIFIED_STATUS
+    status.write_text("{not json")
+    read = backup.read_backup_status(tmp_path)
+    assert (read.newest_verified, read.count) == (None, 1)
+    assert read.newest_created == datetime(2026, 11, 29, 10, 15, tzinfo=UTC).timestamp()
+    status.write_text('{"backup": "villaged-backup-20200101T000000000000Z", "verified": 5}')
+    assert backup.read_backup_status(tmp_path).newest_verified is None  # pruned since
+    status.write_text(f'{{"backup": "{kept.name}", "verified": 7}}')
+    assert backup.read_backup_status(tmp_path).newest_verified == 7.0
+
+
+def test_an_account_deleted_while_the_backup_copies_keeps_the_backup_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deletion destroys the user's data key after the log records it; a backup whose log cut
+    comes before the deletion and whose vault copy comes after holds the account without its
+    key. That backup still verifies and restores: the account is there, shredded (it cannot
+    log in and its sealed data stays unreadable), as the deletion asked."""
+    from villaged.storage import crypto
+
+    config = load_config(write_node_config(tmp_path / "node"))
+    trio.run(add_users, config)
+    copy_log = backup._copy_log
+
+    def delete_bob_meanwhile(source: Path, destination: Path) -> dict[str, int]:
+        info = copy_log(source, destination)
+        keyset = crypto.Keyset.load(config.storage.keyset)
+        assert crypto.UserKeyVault.open(config.storage.dir / "vault", keyset).destroy(
+            "bob@localhost"
+        )
+        return info
+
+    monkeypatch.setattr(backup, "_copy_log", delete_bob_meanwhile)
+    made = backup.create_backup(config, tmp_path / "backups")
+    checked = backup.verify_backup(made.directory, keyset=config.storage.keyset)
+    assert checked.users == 3
+    restored = load_config(write_node_config(tmp_path / "restored"))
+    shutil.rmtree(restored.storage.dir, ignore_errors=True)
+    shutil.copy(config.storage.keyset, restored.storage.keyset)
+    backup.restore_backup(made.directory, restored)
+
+    async def logins() -> dict[str, bool]:
+        async with open_store(StoreOptions.from_config(restored.storage)) as store:
+            return {user: store.credentials(user) is not None for user in store.users()}
+
+    assert trio.run(logins) == {
+        "alice@localhost": True,
+        "bob@localhost": False,
+        "carol@localhost": True,
+    }
+
+
+def test_verify_replays_beside_the_backups_not_in_tmp(
+    copy: Path, made: tuple[Config, Path, set[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Path] = []
+    check = backup.verify_store
+
+    def spy(directory: Path) -> object:
+        seen.append(directory)
+        return check(directory)
+
+    monkeypatch.setattr(backup, "verify_store", spy)
+    backup.verify_backup(copy, keyset=made[0].storage.keyset)
+    (scratch,) = seen
+    assert scratch.parent.parent == copy.parent
+    assert scratch.parent.name.startswith(".villaged-backup-replay-")
+    assert not scratch.exists()  # removed afterwards
+    assert backup.list_backups(copy.parent) == [copy]

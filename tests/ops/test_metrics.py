@@ -155,3 +155,35 @@ def test_each_node_has_its_own_registry() -> None:
     assert stanzas[("out", "iq")] == 1
     assert sum(stanzas.values()) == 2
     assert b'villaged_stanzas_total{direction="in",kind="message"} 0.0' in second.render()
+
+
+async def test_backup_age_and_verification_are_reported(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import math
+
+    from villaged.cli import main
+    from villaged.ops import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "BACKUP_STATUS_TTL_S", 0.0)  # read at every scrape
+    backups = tmp_path / "backups"
+    node = await start_node(nursery, tmp_path, extra_toml=f'[backup]\ndir = "{backups}"')
+    samples = await scrape(node)
+    assert value(samples, "villaged_backup_age_seconds") == math.inf  # none yet: alert
+    assert math.isnan(value(samples, "villaged_backup_last_verified_timestamp_seconds"))
+    assert value(samples, "villaged_backups") == 0
+
+    config = str(node.config.source)
+    assert await trio.to_thread.run_sync(main, ["backup", "create", "-c", config]) == 0
+    samples = await scrape(node)
+    assert value(samples, "villaged_backups") == 1
+    assert 0 <= value(samples, "villaged_backup_age_seconds") < 60
+    assert math.isnan(value(samples, "villaged_backup_last_verified_timestamp_seconds"))
+
+    verify = ["backup", "verify", str(backups), "-c", config]
+    assert await trio.to_thread.run_sync(main, verify) == 0
+    samples = await scrape(node)
+    verified = value(samples, "villaged_backup_last_verified_timestamp_seconds")
+    created = value(samples, "villaged_backup_last_created_timestamp_seconds")
+    assert created <= verified
+    nursery.cancel_scope.cancel()

@@ -25,6 +25,7 @@ from villaged.ops.monitor import (
     SecurityMonitor,
     rules_from_config,
 )
+from villaged.xmpp import xml
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -240,6 +241,53 @@ async def test_blocks_run_on_trio_time(autojump_clock: object) -> None:
     assert not service.is_blocked("192.0.2.1")
 
 
+@pytest.mark.parametrize(
+    ("address", "prefix", "group"),
+    [
+        ("192.0.2.7", 64, "192.0.2.7"),
+        ("2001:db8:1:2:aaaa::1", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:aaaa::1", 48, "2001:db8:1::/48"),
+        ("2001:db8:1:2:aaaa::1", 128, "2001:db8:1:2:aaaa::1"),
+        ("::ffff:192.0.2.7", 64, "192.0.2.7"),
+        ("unknown", 64, "unknown"),
+    ],
+)
+def test_addresses_are_grouped_v6_by_network(address: str, prefix: int, group: str) -> None:
+    assert monitor.address_group(address, prefix) == group
+
+
+async def test_an_ipv6_attacker_cannot_step_through_its_own_network(autojump_clock: object) -> None:
+    service = MonitorService(MonitorConfig(auth_failures_per_ip=3, block_seconds=30))
+    blocked: list[str] = []
+    service.block_listeners.append(blocked.append)
+    for n in range(3):
+        service.record(monitor.AUTH_FAILURES_PER_IP, f"2001:db8:5:6::{n + 1:x}")
+    assert blocked == ["2001:db8:5:6::/64"]
+    assert service.is_blocked("2001:db8:5:6:ffff::77")
+    assert not service.is_blocked("2001:db8:5:7::1")
+
+
+async def test_alerts_are_rate_limited_node_wide_but_blocks_are_not(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = MonitorConfig(auth_failures_per_ip=1, block_seconds=600, max_alerts_per_minute=2)
+    service = MonitorService(config)
+    with caplog.at_level(logging.WARNING, "villaged.ops.monitor"):
+        for n in range(5):
+            assert len(service.record(monitor.AUTH_FAILURES_PER_IP, f"192.0.2.{n}")) == 1
+        assert all(service.is_blocked(f"192.0.2.{n}") for n in range(5))
+        events = [r.__dict__["event"] for r in caplog.records]
+        assert events == ["security.alert"] * 2 + ["security.alerts_suppressed"]
+        caplog.clear()
+        await trio.sleep(60)
+        service.record(monitor.AUTH_FAILURES_PER_IP, "192.0.2.99")
+    resumed, alert = caplog.records
+    assert resumed.__dict__["event"] == "security.alerts_resumed"
+    assert resumed.__dict__["suppressed"] == 3
+    assert (alert.__dict__["event"], alert.__dict__["key"]) == ("security.alert", "192.0.2.99")
+
+
 # ----- end to end: brute force from one address ---------------------------------------------
 
 
@@ -273,6 +321,13 @@ async def test_brute_force_blocks_the_address_and_alerts(
         ),
     )
     port, ca = running.c2s, running.ca_file
+    # Open on the same address: a logged-in session (a user behind the attacker's NAT) and a
+    # stream that has not logged in yet (another of the attacker's attempts).
+    neighbour = await RawClient.connect(port, ca)
+    neighbour_jid = await neighbour.login("bob", "bob-password")
+    waiting = await RawClient.connect(port, ca)
+    await waiting.send(header())
+    assert isinstance(await waiting.next(), xml.StreamOpened)
     for _ in range(19):
         await (await _wrong_password(port, ca)).aclose()
     assert not running.node.monitor.is_blocked("127.0.0.1")
@@ -280,6 +335,14 @@ async def test_brute_force_blocks_the_address_and_alerts(
     assert await twentieth.stream_error() == "policy-violation"  # sent away at once
     await twentieth.aclose()
     assert running.node.monitor.is_blocked("127.0.0.1")
+    # The block ended the attempt still open; the logged-in session carries on.
+    assert await waiting.stream_error() == "policy-violation"
+    await waiting.aclose()
+    await neighbour.send(b"<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>")
+    pong = await neighbour.element()
+    assert (pong.get("type"), pong.get("id")) == ("result", "p1")
+    assert neighbour_jid.startswith("bob@localhost/")
+    await neighbour.aclose()
 
     (document,) = await _wait_for_lines(out, 1)
     assert document["rule"] == "auth_failures_per_ip"
@@ -336,3 +399,31 @@ async def test_repeated_totp_failures_raise_an_alert(tmp_path: Path, nursery: tr
             await run_command(config.admin.socket, "status", {}, iter(["000000"]), False)
     (document,) = await _wait_for_lines(out, 1)
     assert (document["rule"], document["key"], document["count"]) == ("totp_failures", "ops1", 3)
+
+
+async def test_a_surge_of_failed_tls_handshakes_raises_an_alert(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_node(
+        nursery, tmp_path, extra_toml="[monitor]\ntls_failures_per_minute = 3"
+    )
+    with caplog.at_level(logging.WARNING, "villaged"):
+        for n in range(3):
+            # Plain text where a TLS ClientHello belongs (the direct-TLS port): the handshake
+            # fails at once.
+            stream = await trio.open_tcp_stream("127.0.0.1", running.c2s_tls)
+            await stream.send_all(b"<?xml version='1.0'?><stream:stream>" + bytes([n]) * 64)
+            with trio.fail_after(10):
+                while await stream.receive_some(4096):
+                    pass
+            await stream.aclose()
+        with trio.fail_after(10):
+            while not _alerted(caplog):  # noqa: ASYNC110 - the node logs from its own task
+                await trio.sleep(0.01)
+    (alert,) = [r for r in caplog.records if r.__dict__.get("event") == "security.alert"]
+    assert (alert.__dict__["rule"], alert.__dict__["count"]) == ("tls_failures", 3)
+    nursery.cancel_scope.cancel()
+
+
+def _alerted(caplog: pytest.LogCaptureFixture) -> bool:
+    return any(r.__dict__.get("event") == "security.alert" for r in caplog.records)

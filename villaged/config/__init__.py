@@ -7,6 +7,7 @@ the section dataclasses.
 from villaged.config.loader import ConfigError, check_config_files, load_config, read_section
 from villaged.config.model import (
     AdminConfig,
+    BackupConfig,
     C2SConfig,
     Config,
     Endpoint,
@@ -25,6 +26,7 @@ from villaged.config.model import (
 
 __all__ = [
     "AdminConfig",
+    "BackupConfig",
     "C2SConfig",
     "Config",
     "ConfigError",

@@ -387,6 +387,15 @@ class ListenersConfig:
                 claimed[endpoint] = here
 
 
+def parse_network(text: str) -> str:
+    """An IP network (``10.0.0.0/8``) or a single address (``127.0.0.1``, a /32 or /128), in
+    its canonical spelling (villaged.net.proxy reads it back)."""
+    try:
+        return str(ipaddress.ip_network(text, strict=True))
+    except ValueError as exc:
+        raise ValueError(f"not an IP address or network ({exc})") from None
+
+
 @dataclass(frozen=True, slots=True)
 class WebSocketConfig:
     """``[websocket]``: XMPP over WebSocket (RFC 7395), served on ``[listeners.websocket]``.
@@ -409,13 +418,22 @@ class WebSocketConfig:
     )
     ping_interval: int = field(default=30, metadata=setting(min=1, max=3600))
     ping_timeout: int = field(default=15, metadata=setting(min=1, max=600))
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata=setting(
+            form='an array of addresses or networks, e.g. ["127.0.0.1", "10.0.0.0/8"]',
+            item_form="an IP address or network such as 10.0.0.0/8",
+            parse=parse_network,
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    """``[log]``: how much the daemon says."""
+    """``[log]``: how much the daemon says, and where (stdout, or a file)."""
 
     level: LogLevel = "info"
+    file: Path | None = None
 
 
 _GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
@@ -478,6 +496,8 @@ class MonitorConfig:
     )
     alert_timeout: int = field(default=10, metadata=setting(min=1, max=300))
     max_alert_commands: int = field(default=4, metadata=setting(min=1, max=64))
+    max_alerts_per_minute: int = field(default=30, metadata=setting(min=1, max=10_000))
+    ipv6_prefix: int = field(default=64, metadata=setting(min=32, max=128))
 
     def validate(self, name: Callable[[str], str]) -> None:
         if self.alert_command and not self.alert_command[0].startswith("/"):
@@ -486,6 +506,14 @@ class MonitorConfig:
                 f"the program must be an absolute path (no shell, no PATH search), got "
                 f"{self.alert_command[0]!r}",
             )
+
+
+@dataclass(frozen=True, slots=True)
+class BackupConfig:
+    """``[backup]``: where this node's backups go (``villaged backup create`` without ``--to``
+    writes there, and the node reports their age as metrics)."""
+
+    dir: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,4 +529,5 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     source: Path = field(default=Path("villaged.toml"), metadata=not_a_key())

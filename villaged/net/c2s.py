@@ -129,6 +129,9 @@ class C2SContext:
     # The node's security monitor (app.py): counts failures, blocks addresses; None watches
     # nothing.
     monitor: MonitorService | None = None
+    # Every running connection (c2s and WebSocket), so that a block can end the blocked
+    # address's streams that are still trying to log in.
+    live: set[C2SConnection] = field(default_factory=set)
 
     # ----- per-address limits, shared by the c2s and WebSocket listeners -------------------
 
@@ -140,8 +143,22 @@ class C2SContext:
         if self.monitor is not None:
             self.monitor.record(kind, key)
 
+    def end_unauthenticated_streams(self, group: str) -> None:
+        """The security monitor has just blocked the address group ``group``: its streams that
+        have not logged in end with ``policy-violation``. Streams that proved a password stay
+        (users behind the same NAT as an attacker keep their sessions)."""
+        for connection in [c for c in self.live if c.stream.username is None]:
+            if self.address_group(connection.peer) == group:
+                connection.terminate("policy-violation", "address blocked by the security monitor")
+
+    def address_group(self, peer: str) -> str:
+        """What per-address limits count ``peer`` by: its IPv6 network (the monitor's
+        ``ipv6_prefix``), else the address itself."""
+        return peer if self.monitor is None else self.monitor.address_key(peer)
+
     def take_connection_slot(self, peer: str) -> bool:
         """Count a connection from ``peer``; False (and nothing counted) at the cap."""
+        peer = self.address_group(peer)
         count = self.connections_per_ip.get(peer, 0)
         if count >= self.limits.max_connections_per_ip:
             return False
@@ -149,6 +166,7 @@ class C2SContext:
         return True
 
     def release_connection_slot(self, peer: str) -> None:
+        peer = self.address_group(peer)
         remaining = self.connections_per_ip[peer] - 1
         if remaining:
             self.connections_per_ip[peer] = remaining
@@ -162,6 +180,7 @@ class C2SContext:
         `HANDSHAKES_PER_IP` at once per address); waiting and handshaking together are bounded
         by ``handshake_timeout``. Raises TooSlowError or BrokenResourceError."""
         turns = self.handshakes_per_ip
+        peer = self.address_group(peer)
         limiter = turns.get(peer)
         if limiter is None:
             limiter = turns[peer] = trio.CapacityLimiter(HANDSHAKES_PER_IP)
@@ -247,6 +266,7 @@ class C2SConnection:
         direct_tls: bool,
         framed: MessageTransport | None = None,
         bucket: TokenBucket | None = None,
+        peer: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.tcp = tcp
@@ -254,7 +274,8 @@ class C2SConnection:
         self.framed = framed
         self.tls = tls
         self.direct_tls = direct_tls or framed is not None
-        self.peer = _peer_ip(tcp)
+        # The client's address: the socket's peer, or what a trusted proxy forwarded.
+        self.peer = peer or _peer_ip(tcp)
         self.stream = core.C2SStream(
             ctx.stream_settings(),
             lookup=self._credentials,
@@ -327,6 +348,7 @@ class C2SConnection:
         connections = None if metrics is None else metrics.connections[self._transport_name()]
         if connections is not None:
             connections.inc()
+        self.ctx.live.add(self)
         try:
             with self._scope:
                 if self.direct_tls and self.framed is None and not await self._start_tls():
@@ -369,6 +391,7 @@ class C2SConnection:
                 cleanup.shield = True
                 await self._finish()
             self.ctx.release_connection_slot(self.peer)
+            self.ctx.live.discard(self)
             if connections is not None:
                 connections.dec()
             try:

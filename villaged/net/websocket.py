@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import ipaddress
 import itertools
 import json
 import logging
@@ -73,7 +74,7 @@ from villaged.net.c2s import (
 from villaged.ops import monitor
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from wsproto.connection import Connection
 
@@ -118,6 +119,8 @@ class WebSocketSettings:
     allowed_origins: tuple[str, ...]
     ping_interval: float
     ping_timeout: float
+    #: Reverse proxies whose ``X-Forwarded-For`` names the client (`forwarded_client`).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     host_meta_xrd: bytes = field(init=False, repr=False)
     host_meta_json: bytes = field(init=False, repr=False)
 
@@ -152,7 +155,12 @@ class WebSocketSettings:
             allowed_origins=origins,
             ping_interval=section.ping_interval,
             ping_timeout=section.ping_timeout,
+            trusted_proxies=tuple(ipaddress.ip_network(n) for n in section.trusted_proxies),
         )
+
+    def is_trusted_proxy(self, address: str) -> bool:
+        ip = _ip(address)
+        return ip is not None and any(ip in network for network in self.trusted_proxies)
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Whether a handshake with this ``Origin`` header may go ahead. None (no header) is
@@ -261,6 +269,43 @@ def _refuse(status: int, event: str, reason: str, security: bool = False) -> Htt
     return replace(_plain(status, reason), refusal=(event, reason), security=security)
 
 
+#: How many X-Forwarded-For entries are looked at (right to left) for the client's address.
+MAX_FORWARDED_HOPS: Final = 16
+
+
+def forwarded_client(
+    headers: Sequence[tuple[bytes, bytes]], settings: WebSocketSettings
+) -> str | None:
+    """The client's address by the ``X-Forwarded-For`` headers of a request that came through
+    a trusted proxy: the rightmost entry that is not itself a trusted proxy (entries further
+    left were written by the client and prove nothing). None when there is no header, or an
+    entry on the way is not an IP address (then the proxy's own address stands)."""
+    entries: list[str] = []
+    for name, value in headers:
+        if name == b"x-forwarded-for":
+            entries.extend(value.decode("latin-1").split(","))
+    if not entries:
+        return None
+    hops = [entry.strip() for entry in entries[-MAX_FORWARDED_HOPS:]]
+    for hop in reversed(hops):
+        ip = _ip(hop)
+        if ip is None:
+            return None
+        if not any(ip in network for network in settings.trusted_proxies):
+            return str(ip)
+    return str(_ip(hops[0]))  # every hop is a trusted proxy: the first one is the client
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def _plain(status: int, reason: str) -> HttpAnswer:
     return HttpAnswer(status, f"{_reason_phrase(status)}: {reason}\n".encode("utf-8", "replace"))
 
@@ -275,6 +320,7 @@ def _reason_phrase(status: int) -> str:
         413: "request too large",
         426: "upgrade required",
         431: "request header fields too large",
+        503: "service unavailable",
     }.get(status, "error")
 
 
@@ -684,20 +730,19 @@ class WebSocketConnection:
         self.tls = tls
         self.peer = _peer_ip(tcp)
         self._holds_slot = False
+        # A trusted reverse proxy carries many clients: its connections are not counted or
+        # blocked by its own address, but by the client's that it forwards (at the upgrade).
+        self._via_proxy = settings.is_trusted_proxy(self.peer)
 
     async def run(self) -> None:
-        if self.ctx.is_blocked(self.peer):
-            self._refused("address blocked by the security monitor", "websocket.blocked")
-            with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
-                cleanup.shield = True
-                await self.tcp.aclose()
-            return
-        if not self._take_slot():
-            self._refused("too many connections from one address", "websocket.too_many_connections")
-            with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
-                cleanup.shield = True
-                await self.tcp.aclose()
-            return
+        if not self._via_proxy:
+            refusal = self._admit()
+            if refusal is not None:
+                self._refused(*refusal)
+                with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
+                    cleanup.shield = True
+                    await self.tcp.aclose()
+                return
         stream: trio.abc.Stream = self.tcp
         try:
             ssl_stream = await self._tls_handshake()
@@ -715,9 +760,32 @@ class WebSocketConnection:
 
     # ----- per-address accounting (shared with c2s) ----------------------------------------
 
-    def _take_slot(self) -> bool:
+    def _admit(self) -> tuple[str, str] | None:
+        """Check the block list and take a connection slot for ``self.peer``; None, or why
+        not (message, event)."""
+        if self.ctx.is_blocked(self.peer):
+            return "address blocked by the security monitor", "websocket.blocked"
         self._holds_slot = self.ctx.take_connection_slot(self.peer)
-        return self._holds_slot
+        if not self._holds_slot:
+            return "too many connections from one address", "websocket.too_many_connections"
+        return None
+
+    def _adopt_forwarded_client(self, request: h11.Request) -> HttpAnswer | None:
+        """Through a trusted proxy: the client's address (X-Forwarded-For) becomes this
+        connection's peer and is admitted like a direct one; None, or the refusal to send."""
+        proxy = self.peer
+        self.peer = forwarded_client(request.headers, self.settings) or proxy
+        if self.peer != proxy:
+            log.debug(
+                "client address from a trusted proxy",
+                extra={"event": "websocket.forwarded", "peer": self.peer, "proxy": proxy},
+            )
+        refusal = self._admit()
+        if refusal is None:
+            return None
+        status = 403 if refusal[1] == "websocket.blocked" else 503
+        self._refused(*refusal, status=status)
+        return _plain(status, refusal[0])
 
     def _release_slot(self) -> None:
         if self._holds_slot:
@@ -769,6 +837,9 @@ class WebSocketConnection:
                 return None
             answer = answer_request(request, self.settings)
             if isinstance(answer, UpgradeAccepted):
+                if self._via_proxy and (refusal := self._adopt_forwarded_client(request)):
+                    await self._respond(stream, conn, refusal)
+                    return None
                 with trio.move_on_after(timeout) as scope:
                     try:
                         await stream.send_all(answer.response)
@@ -846,7 +917,13 @@ class WebSocketConnection:
             framing.receive_data(received, now)
         transport = WebSocketTransport(stream, framing, self.peer)
         c2s = C2SConnection(
-            self.ctx, self.tcp, self.tls, direct_tls=True, framed=transport, bucket=bucket
+            self.ctx,
+            self.tcp,
+            self.tls,
+            direct_tls=True,
+            framed=transport,
+            bucket=bucket,
+            peer=self.peer,
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(

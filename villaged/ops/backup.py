@@ -129,6 +129,8 @@ SIGNATURE: Final = "manifest.sig"
 PUBLIC_KEY: Final = "backup-signing.pub"
 SIGNING_KEY: Final = "backup-signing.key"
 DATA: Final = "data"
+#: Beside the backups: which backup last passed ``verify``, and when.
+VERIFIED_STATUS: Final = "last-verified.json"
 _METADATA: Final = frozenset({MANIFEST, SIGNATURE, PUBLIC_KEY})
 #: Whole copies attempted when files vanish under the copy (compaction running meanwhile).
 COPY_ATTEMPTS: Final = 3
@@ -376,8 +378,15 @@ def _canonical(value: Any) -> bytes:
 
 def _replay_digests(data: Path, keyset: Path) -> tuple[dict[str, str], dict[str, int]]:
     """Per-user digests from a full replay of a scratch copy of ``data`` (never ``data``
-    itself: opening a store writes LOCK and may cut a torn tail)."""
-    with tempfile.TemporaryDirectory(prefix="villaged-backup-replay-") as scratch:
+    itself: opening a store writes LOCK and may cut a torn tail).
+
+    The scratch copy goes beside the backups when that directory is writable: it is as large
+    as the backup, which a small (tmpfs) /tmp could not hold; else into $TMPDIR."""
+    beside = data.parent.parent
+    scratch_parent = beside if os.access(beside, os.W_OK | os.X_OK) else None
+    with tempfile.TemporaryDirectory(
+        prefix=".villaged-backup-replay-", dir=scratch_parent
+    ) as scratch:
         copy = Path(scratch) / "data"
         shutil.copytree(data, copy)
         report = verify_store(copy)
@@ -432,6 +441,52 @@ def list_backups(directory: Path) -> list[Path]:
         for p in directory.iterdir()
         if _BACKUP_NAME.fullmatch(p.name) and not p.is_symlink() and p.is_dir()
     )
+
+
+def backup_time(backup: Path) -> datetime:
+    """When a backup was taken, by its name."""
+    stamp = backup.name.removeprefix(PREFIX)
+    return datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
+
+
+def record_verified(result: VerifyResult, now: datetime | None = None) -> Path:
+    """Note beside the backups that ``result``'s backup passed ``verify`` (for the node's
+    ``villaged_backup_last_verified_timestamp_seconds``); the status file written."""
+    status = result.directory.parent / VERIFIED_STATUS
+    document = {
+        "backup": result.directory.name,
+        "verified": (now or datetime.now(UTC)).timestamp(),
+        "last_index": result.last_index,
+    }
+    write_file_atomic(status, json.dumps(document).encode() + b"\n", 0o644)
+    return status
+
+
+@dataclass(frozen=True, slots=True)
+class BackupStatus:
+    """What a node reports of its backup directory (Unix times; None: none yet)."""
+
+    newest_created: float | None
+    newest_verified: float | None
+    count: int
+
+
+def read_backup_status(directory: Path) -> BackupStatus:
+    """The newest backup's time and the newest verification of a backup still present."""
+    try:
+        backups = list_backups(directory)
+    except OSError:
+        return BackupStatus(None, None, 0)
+    created = backup_time(backups[-1]).timestamp() if backups else None
+    verified = None
+    try:
+        raw = (directory / VERIFIED_STATUS).read_bytes()[:4096]
+        document = json.loads(raw)
+        if (directory / str(document["backup"])) in backups:
+            verified = float(document["verified"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no verification noted (or a damaged note): reported as none
+    return BackupStatus(created, verified, len(backups))
 
 
 def verify_backup(

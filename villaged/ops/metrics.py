@@ -13,7 +13,8 @@ keeps (sessions, the log's last index) are read when scraped rather than updated
 from __future__ import annotations
 
 import platform
-from typing import TYPE_CHECKING, Final
+import time
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import generate_latest
@@ -23,9 +24,15 @@ from villaged import __version__
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from villaged.ops.backup import BackupStatus
+
+T = TypeVar("T")
+
 TRANSPORTS: Final = ("c2s", "c2s_tls", "websocket")
 STANZA_KINDS: Final = ("message", "presence", "iq")
 AUDIT_RESULTS: Final = ("success", "failure")
+#: How long a reading of the backup directory is reused (a scrape must not list it each time).
+BACKUP_STATUS_TTL_S: Final = 30.0
 
 #: Seconds. A healthy fdatasync takes a fraction of a millisecond (NVMe) to tens of
 #: milliseconds (spinning disks, busy cloud volumes); past a second something is wrong.
@@ -108,6 +115,51 @@ class Metrics:
         self._sessions.set_function(sessions)
         self._log_last_index.set_function(log_last_index)
 
+    def watch_backups(
+        self, status: Callable[[], BackupStatus], wall_clock: Callable[[], float]
+    ) -> None:
+        """Report the backups beside this node (``[backup] dir``): ``status`` is read at most
+        every `BACKUP_STATUS_TTL_S` seconds, however often Prometheus scrapes."""
+        cached = _Cached(status, BACKUP_STATUS_TTL_S)
+        nan = float("nan")
+
+        def created() -> float:
+            value = cached.get().newest_created
+            return nan if value is None else value
+
+        def verified() -> float:
+            value = cached.get().newest_verified
+            return nan if value is None else value
+
+        def age() -> float:
+            value = cached.get().newest_created
+            return float("inf") if value is None else max(0.0, wall_clock() - value)
+
+        gauges = (
+            (
+                "villaged_backup_last_created_timestamp_seconds",
+                "When the newest backup was taken (Unix time).",
+                created,
+            ),
+            (
+                "villaged_backup_last_verified_timestamp_seconds",
+                "When a backup still kept last passed `backup verify` (Unix time).",
+                verified,
+            ),
+            (
+                "villaged_backup_age_seconds",
+                "Seconds since the newest backup was taken (+Inf: there is none).",
+                age,
+            ),
+            (
+                "villaged_backups",
+                "Backups kept in the backup directory.",
+                lambda: float(cached.get().count),
+            ),
+        )
+        for name, documentation, function in gauges:
+            Gauge(name, documentation, registry=self.registry).set_function(function)
+
     def stanza_received(self, kind: str) -> None:
         self._stanzas_in[kind].inc()
 
@@ -131,3 +183,20 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format (`prometheus_client.CONTENT_TYPE_LATEST`)."""
         return generate_latest(self.registry)
+
+
+class _Cached(Generic[T]):
+    """A value read again only when older than ``ttl`` seconds."""
+
+    def __init__(self, read: Callable[[], T], ttl: float) -> None:
+        self._read = read
+        self._ttl = ttl
+        self._value: T | None = None
+        self._at = float("-inf")
+
+    def get(self) -> T:
+        now = time.monotonic()
+        if self._value is None or now - self._at >= self._ttl:
+            self._value = self._read()
+            self._at = now
+        return self._value

@@ -10,16 +10,26 @@ per window for the same rule and key; a rule with a block (authentication failur
 address) also blocks the address for ``block_seconds``, whatever the rate limit of its alerts.
 Tracked keys and blocked addresses are capped: the least recently seen are forgotten first.
 
+Addresses are counted and blocked by group (`address_group`): an IPv4 address alone, an IPv6
+address by its ``[monitor] ipv6_prefix`` network (default /64, what one host or one customer
+line typically gets, so an attacker cannot step through the addresses of its own subnet), and
+an IPv4-mapped IPv6 address as the IPv4 address it is.
+
 `MonitorService` is the I/O side, owned by the node (app.py): it stamps events with
 ``trio.current_time()``, logs every alert as ``security.alert`` and hands it to the alert
 command — ``[monitor] alert_command``, run without a shell, the alert as JSON on its stdin, killed
 after ``alert_timeout`` seconds, at most ``max_alert_commands`` at a time; alerts that find the
-small queue full are logged and dropped, never waited for.
+small queue full are logged and dropped, never waited for. Alerts are rate limited node-wide
+(``max_alerts_per_minute``): beyond it they are counted, not logged one by one or passed on, so
+that a distributed attack cannot flood the log or page someone thousands of times; blocks are
+set all the same. When an alert blocks an address, the node's block listeners hear of it (the
+c2s layer ends the address's streams that have not authenticated yet).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -33,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from villaged.config import MonitorConfig
 
@@ -52,6 +62,24 @@ NODE_WIDE: Final = "node"
 
 #: Alerts waiting for the alert command; more are logged and dropped.
 ALERT_QUEUE: Final = 16
+
+#: The window of the node-wide alert rate limit, in seconds.
+ALERT_RATE_WINDOW: Final = 60.0
+
+
+def address_group(address: str, ipv6_prefix: int = 64) -> str:
+    """The key an address is counted and blocked by: an IPv4 address itself, an IPv6 address's
+    ``/ipv6_prefix`` network, an IPv4-mapped IPv6 address as IPv4; anything else unchanged."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if ipv6_prefix < 128:
+            return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return str(ip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,15 +202,63 @@ class MonitorService:
         self.config = config
         self.core = SecurityMonitor(rules_from_config(config), config.max_tracked_keys)
         self._send, self._receive = trio.open_memory_channel[Alert](ALERT_QUEUE)
+        #: Called with the address group an alert has just blocked (app.py adds the c2s
+        #: layer's). They must not raise and must not block.
+        self.block_listeners: list[Callable[[str], None]] = []
+        self._recent_alerts: deque[float] = deque(maxlen=config.max_alerts_per_minute)
+        self._suppressed = 0
+
+    def address_key(self, address: str) -> str:
+        """The group ``address`` is counted and blocked by (see `address_group`)."""
+        return address_group(address, self.config.ipv6_prefix)
 
     def record(self, kind: str, key: str) -> list[Alert]:
-        alerts = self.core.record(kind, key, trio.current_time())
+        """One security event; ``key`` is an address for `AUTH_FAILURES_PER_IP` (grouped
+        here), an account, an operator or `NODE_WIDE` for the others."""
+        if kind == AUTH_FAILURES_PER_IP:
+            key = self.address_key(key)
+        now = trio.current_time()
+        alerts = self.core.record(kind, key, now)
         for alert in alerts:
-            self._raise(alert)
+            if alert.blocked_until is not None:
+                for listener in self.block_listeners:
+                    listener(alert.key)
+            if self._within_rate(now):
+                self._raise(alert)
         return alerts
 
     def is_blocked(self, address: str) -> bool:
-        return self.core.is_blocked(address, trio.current_time())
+        return self.core.is_blocked(self.address_key(address), trio.current_time())
+
+    def _within_rate(self, now: float) -> bool:
+        """Whether an alert at ``now`` may be logged and passed on (node-wide rate limit)."""
+        recent = self._recent_alerts
+        while recent and recent[0] <= now - ALERT_RATE_WINDOW:
+            recent.popleft()
+        if len(recent) == recent.maxlen:
+            self._suppressed += 1
+            if self._suppressed == 1:
+                log.warning(
+                    "too many security alerts; holding further ones back",
+                    extra={
+                        "event": "security.alerts_suppressed",
+                        "security": True,
+                        "limit_per_minute": recent.maxlen,
+                    },
+                )
+            return False
+        recent.append(now)
+        if self._suppressed:
+            log.warning(
+                "security alerts were held back",
+                extra={
+                    "event": "security.alerts_resumed",
+                    "security": True,
+                    "suppressed": self._suppressed,
+                },
+            )
+            self._suppressed = 0
+        return True
 
     def _raise(self, alert: Alert) -> None:
         log.warning(
