@@ -160,6 +160,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from villaged.ops import backup
 
     try:
+        if args.backup_command == "keygen":
+            from villaged.ops.backupkeys import RecoveryKeyError, generate_recovery_key
+
+            try:
+                public = generate_recovery_key(Path(args.out))
+            except RecoveryKeyError as exc:
+                raise CommandError(str(exc)) from None
+            print(f"recovery key {args.out} (keep it off this host), public key {public}")
+            print(f"set [backup] keyset_recipient = {str(public)!r} on the nodes")
+            return 0
         if args.backup_command == "create":
             config = _config(args)
             target = Path(args.to) if args.to else config.backup.dir
@@ -176,6 +186,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 print(f"pruned {path}")
             return 0
         public_key = Path(args.public_key) if args.public_key else None
+        recovery_key = Path(args.recovery_key) if args.recovery_key else None
         if public_key is None and args.config:
             # The node's own public key, kept beside the keyset: a backup re-signed with
             # another key (and carrying that key) fails against it.
@@ -183,7 +194,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
             public_key = trusted if trusted.is_file() else None
         if args.backup_command == "verify":
             keyset = _config(args).storage.keyset if args.config else None
-            checked = backup.verify_backup(Path(args.dir), public_key=public_key, keyset=keyset)
+            checked = backup.verify_backup(
+                Path(args.dir), public_key=public_key, keyset=keyset, recovery_key=recovery_key
+            )
             verb = "ok"
             try:
                 backup.record_verified(checked)
@@ -194,7 +207,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 )
         else:
             checked = backup.restore_backup(
-                Path(args.dir), _config(args), force=args.force, public_key=public_key
+                Path(args.dir),
+                _config(args),
+                force=args.force,
+                public_key=public_key,
+                recovery_key=recovery_key,
             )
             verb = "restored"
     except backup.BackupError as exc:
@@ -342,15 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", metavar="DIR", help="where backups are kept (default: [backup] dir)")
     p.add_argument("--keep", type=int, metavar="N", help="then keep only the newest N backups")
     p.set_defaults(func=cmd_backup)
+    recovery_help = "open the keyset wrapped in the backup with this recovery key"
     p = backup_sub.add_parser("verify", help="check a backup (or the newest in DIR) by replay")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("-c", "--config", metavar="FILE", help="use this config's keyset")
     p.add_argument("--public-key", metavar="FILE", help="the backup public key kept elsewhere")
+    p.add_argument("--recovery-key", metavar="FILE", help=recovery_help)
     p.set_defaults(func=cmd_backup)
     p = with_config(backup_sub.add_parser("restore", help="rebuild a stopped node's data"))
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--force", action="store_true", help="replace a non-empty data directory")
     p.add_argument("--public-key", metavar="FILE", help="the backup public key kept elsewhere")
+    p.add_argument("--recovery-key", metavar="FILE", help=recovery_help + " (a new host)")
+    p.set_defaults(func=cmd_backup)
+    p = backup_sub.add_parser("keygen", help="make the recovery key pair the keyset is wrapped for")
+    p.add_argument("--out", required=True, metavar="FILE", help="private key (FILE.pub: public)")
     p.set_defaults(func=cmd_backup)
 
     audit = sub.add_parser("audit", help="the operator audit log (stopped or running node)")

@@ -350,8 +350,9 @@ def test_an_account_deleted_while_the_backup_copies_keeps_the_backup_valid(
 def test_verify_replays_beside_the_backups_not_in_tmp(
     copy: Path, made: tuple[Config, Path, set[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from villaged.storage.verify import verify_store as check
+
     seen: list[Path] = []
-    check = backup.verify_store
 
     def spy(directory: Path) -> object:
         seen.append(directory)
@@ -364,3 +365,72 @@ def test_verify_replays_beside_the_backups_not_in_tmp(
     assert scratch.parent.name.startswith(".villaged-backup-replay-")
     assert not scratch.exists()  # removed afterwards
     assert backup.list_backups(copy.parent) == [copy]
+
+
+def test_the_keyset_wrapped_for_a_recovery_key_restores_a_new_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recovery = tmp_path / "offline" / "recovery.key"
+    recovery.parent.mkdir()
+    assert main(["backup", "keygen", "--out", str(recovery)]) == 0
+    assert stat.S_IMODE(recovery.stat().st_mode) == 0o600
+    public = recovery.with_name("recovery.key.pub")
+    assert public.is_file()
+    with pytest.raises(SystemExit):  # never overwrites a recovery key
+        main(["backup", "keygen", "--out", str(recovery)])
+    assert "already exists" in capsys.readouterr().err
+
+    config_path = write_node_config(tmp_path / "node", f'[backup]\nkeyset_recipient = "{public}"')
+    config = load_config(config_path)
+    trio.run(add_users, config)
+    made = backup.create_backup(config, tmp_path / "backups")
+    wrapped = made.directory / "keyset.wrapped"
+    assert stat.S_IMODE(wrapped.stat().st_mode) == 0o600
+    keyset_bytes = config.storage.keyset.read_bytes()
+    assert keyset_bytes not in wrapped.read_bytes()
+    manifest = json.loads((made.directory / backup.MANIFEST).read_bytes())
+    assert manifest["keyset"]["wrapped"] is True
+    assert "keyset.wrapped" in [f["path"] for f in manifest["files"]]  # signed like the rest
+
+    # The host is lost with its keyset: a new one restores from the backup and the recovery key.
+    new = load_config(write_node_config(tmp_path / "new"))
+    shutil.rmtree(new.storage.dir, ignore_errors=True)
+    new.storage.keyset.unlink()
+    assert main(["backup", "verify", str(made.directory), "--recovery-key", str(recovery)]) == 0
+    restore = ["backup", "restore", str(made.directory), "-c", str(new.source)]
+    assert main([*restore, "--recovery-key", str(recovery)]) == 0
+    assert new.storage.keyset.read_bytes() == keyset_bytes
+    assert stat.S_IMODE(new.storage.keyset.stat().st_mode) == 0o600
+
+    async def can_log_in() -> list[str]:
+        async with open_store(StoreOptions.from_config(new.storage)) as store:
+            return [user for user in store.users() if store.credentials(user) is not None]
+
+    assert len(trio.run(can_log_in)) == 3
+
+
+def test_a_wrong_recovery_key_or_a_damaged_wrapping_is_named(tmp_path: Path) -> None:
+    from villaged.ops import backupkeys
+
+    right, wrong = tmp_path / "right.key", tmp_path / "wrong.key"
+    public = backupkeys.generate_recovery_key(right)
+    backupkeys.generate_recovery_key(wrong)
+    wrapped = tmp_path / "keyset.wrapped"
+    wrapped.write_bytes(backupkeys.wrap_keyset(b'{"keys": []}', public, "example.org"))
+    assert backupkeys.unwrap_keyset(wrapped, right, "example.org") == b'{"keys": []}'
+    with pytest.raises(backupkeys.RecoveryKeyError, match="not the recovery key"):
+        backupkeys.unwrap_keyset(wrapped, wrong, "example.org")
+    with pytest.raises(backupkeys.RecoveryKeyError, match="another domain"):
+        backupkeys.unwrap_keyset(wrapped, right, "example.net")
+    document = json.loads(wrapped.read_bytes())
+    document["ciphertext"] = document["ciphertext"][:-8] + "AAAAAAA="
+    wrapped.write_text(json.dumps(document))
+    with pytest.raises(backupkeys.RecoveryKeyError, match="does not open"):
+        backupkeys.unwrap_keyset(wrapped, right, "example.org")
+    wrapped.write_text("not json")
+    with pytest.raises(backupkeys.RecoveryKeyError, match="not a wrapped keyset"):
+        backupkeys.unwrap_keyset(wrapped, right, "example.org")
+    with pytest.raises(backupkeys.RecoveryKeyError, match="missing"):
+        backupkeys.unwrap_keyset(tmp_path / "absent", right, "example.org")
+    with pytest.raises(backupkeys.RecoveryKeyError, match="not a PEM public key"):
+        backupkeys.wrap_keyset(b"", right, "example.org")  # a private key where a public one goes

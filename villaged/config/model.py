@@ -514,6 +514,9 @@ class BackupConfig:
     writes there, and the node reports their age as metrics)."""
 
     dir: Path | None = None
+    #: The recovery public key (``villaged backup keygen``) the keyset is wrapped for in each
+    #: backup (villaged.ops.backupkeys); unset: backups carry no keyset at all.
+    keyset_recipient: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,6 +99,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from villaged.im.features import FeatureViews
+from villaged.ops.backupkeys import WRAPPED_KEYSET, RecoveryKeyError, unwrap_keyset, wrap_keyset
 from villaged.ops.tlsfiles import write_file_atomic, write_private_file
 from villaged.storage.crypto import Keyset
 from villaged.storage.segment import (
@@ -188,6 +189,10 @@ def create_backup(
     staging.mkdir(mode=0o700)
     try:
         log_info = _copy_data_directory(source, staging / DATA, _secret_check(config))
+        recipient = config.backup.keyset_recipient
+        if recipient is not None:
+            wrapped = _wrapped_keyset(config, recipient)
+            write_private_file(staging / WRAPPED_KEYSET, wrapped)
         files = _file_entries(staging)
         users, counts = _replay_digests(staging / DATA, config.storage.keyset)
         manifest: dict[str, Any] = {
@@ -196,7 +201,11 @@ def create_backup(
             "node": config.server.node,
             "created": moment.astimezone(UTC).isoformat().replace("+00:00", "Z"),
             "log": log_info,
-            "keyset": {"path": str(config.storage.keyset), "key_ids": list(keyset.key_ids)},
+            "keyset": {
+                "path": str(config.storage.keyset),
+                "key_ids": list(keyset.key_ids),
+                "wrapped": recipient is not None,
+            },
             "files": files,
             "users": users,
             "counts": counts,
@@ -213,6 +222,13 @@ def create_backup(
     return CreateResult(
         final, int(log_info["last_index"]), counts["users"], counts["archived_messages"], pruned
     )
+
+
+def _wrapped_keyset(config: Config, recipient: Path) -> bytes:
+    try:
+        return wrap_keyset(config.storage.keyset.read_bytes(), recipient, config.server.domain)
+    except RecoveryKeyError as exc:
+        raise BackupError(f"{exc} ([backup] keyset_recipient)") from None
 
 
 def _secret_check(config: Config) -> Callable[[Path], bool]:
@@ -490,10 +506,36 @@ def read_backup_status(directory: Path) -> BackupStatus:
 
 
 def verify_backup(
-    directory: Path, *, public_key: Path | None = None, keyset: Path | None = None
+    directory: Path,
+    *,
+    public_key: Path | None = None,
+    keyset: Path | None = None,
+    recovery_key: Path | None = None,
 ) -> VerifyResult:
     """Check a backup completely (see the module docstring); :class:`BackupError` naming the
-    first file that fails."""
+    first file that fails. With ``recovery_key`` the replay uses the keyset wrapped in the
+    backup (villaged.ops.backupkeys), opened with that key."""
+    if recovery_key is None:
+        return _verify(directory, public_key, keyset)
+    backup = find_backup(directory)
+    scratch_parent = backup.parent if os.access(backup.parent, os.W_OK | os.X_OK) else None
+    with tempfile.TemporaryDirectory(prefix=".villaged-keyset-", dir=scratch_parent) as scratch:
+        unwrapped = Path(scratch) / "keyset.json"
+        write_private_file(unwrapped, unwrap_backup_keyset(backup, recovery_key))
+        return _verify(backup, public_key, unwrapped)
+
+
+def unwrap_backup_keyset(backup: Path, recovery_key: Path) -> bytes:
+    """The keyset a backup carries, opened with the recovery key (the manifest is checked
+    first, so the domain bound into the wrapping is the signed one)."""
+    manifest = _checked_manifest(backup, None)
+    try:
+        return unwrap_keyset(backup / WRAPPED_KEYSET, recovery_key, str(manifest["domain"]))
+    except RecoveryKeyError as exc:
+        raise BackupError(str(exc)) from None
+
+
+def _verify(directory: Path, public_key: Path | None, keyset: Path | None) -> VerifyResult:
     backup = find_backup(directory)
     manifest = _checked_manifest(backup, public_key)
     listed = {entry["path"]: entry for entry in manifest["files"]}
@@ -581,10 +623,22 @@ def _load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def restore_backup(
-    directory: Path, config: Config, *, force: bool = False, public_key: Path | None = None
+    directory: Path,
+    config: Config,
+    *,
+    force: bool = False,
+    public_key: Path | None = None,
+    recovery_key: Path | None = None,
 ) -> VerifyResult:
-    """Verify the backup, then rebuild the (stopped, empty) data directory from it."""
-    result = verify_backup(directory, public_key=public_key, keyset=config.storage.keyset)
+    """Verify the backup, then rebuild the (stopped, empty) data directory from it. With
+    ``recovery_key`` and no keyset at the configured path (a new host), the keyset wrapped in
+    the backup is opened and written there first (0600)."""
+    keyset = config.storage.keyset
+    if recovery_key is not None and not keyset.exists():
+        unwrapped = unwrap_backup_keyset(find_backup(directory), recovery_key)
+        keyset.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private_file(keyset, unwrapped)
+    result = verify_backup(directory, public_key=public_key, keyset=keyset)
     destination = config.storage.dir
     if destination.exists() and any(destination.iterdir()):
         if not force:
