@@ -1,0 +1,1 @@
+"""Server-to-server federation."""
