@@ -23,6 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from villaged import __version__
 from villaged.admin.node import kicker, open_admin, serve_operator_access
 from villaged.admin.operators import OperatorError
+from villaged.federation.glue import InboundRouter, RemotePresence
+from villaged.federation.service import Federation
 from villaged.im import private, server_info, stream_management, vcard
 from villaged.im.blocking import Blocking
 from villaged.im.context import ImContext
@@ -35,6 +37,7 @@ from villaged.im.router import Router
 from villaged.im.sessions import SessionRegistry
 from villaged.net.c2s import C2SContext, serve_c2s
 from villaged.net.http import Response, serve_http
+from villaged.net.s2s_tls import S2STlsConfigError
 from villaged.net.tls import ALPN_XMPP_CLIENT, ServerTlsSpec, TlsConfigError, TlsContextHolder
 from villaged.net.websocket import ALPN_HTTP_1_1, WebSocketSettings, serve_websocket
 from villaged.ops.backup import read_backup_status
@@ -46,10 +49,12 @@ from villaged.storage.errors import StorageError
 from villaged.storage.store import Store, StoreOptions
 
 if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
     from pathlib import Path
 
     from villaged.admin.server import AdminContext
     from villaged.config.model import Config
+    from villaged.xmpp.jid import JID
 
 log = logging.getLogger("villaged.app")
 
@@ -96,6 +101,7 @@ class Node:
     status: NodeStatus
     monitor: MonitorService
     admin: AdminContext | None = None  # operator access (the admin socket), once opened
+    federation: Federation | None = None  # server-to-server links, when [federation] is on
 
 
 def build_tls(config: Config) -> TlsContextHolder:
@@ -201,7 +207,38 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
         monitor=monitor,
     )
     monitor.block_listeners.append(c2s.end_unauthenticated_streams)
-    return Node(config, store, tls, sessions, c2s, NodeStatus(metrics), monitor)
+    node = Node(config, store, tls, sessions, c2s, NodeStatus(metrics), monitor)
+    if config.federation.enabled:
+        node.federation = _federate(config, store, views, im, messages, presence, router, monitor)
+        roster.outbound_remote = presence.outbound_remote = RemotePresence(node.federation)
+    return node
+
+
+def _federate(
+    config: Config,
+    store: Store,
+    views: FeatureViews,
+    im: ImContext,
+    messages: Messages,
+    presence: Presence,
+    router: Router,
+    monitor: MonitorService,
+) -> Federation:
+    """Federation, wired into the IM layer: messages and iqs for other domains leave through
+    it, and stanzas from other domains come in through `InboundRouter`."""
+    try:
+        federation = Federation(config, store, views.s2s_queue, monitor=monitor)
+    except S2STlsConfigError as exc:
+        raise StartupError(f"{config.source}: federation: {exc}") from None
+    messages.remote = federation
+    router.remote = federation
+    federation.inbound = InboundRouter(im, federation, messages=messages, presence=presence)
+
+    async def bounce(stanza: ET.Element, to: JID) -> None:
+        await messages.deliver(stanza, to, sender=None)
+
+    federation.bounce_to_sender = bounce
+    return federation
 
 
 def _node_metrics(store: Store, sessions: SessionRegistry, backups: Path | None) -> Metrics:
@@ -234,6 +271,8 @@ async def _open_operator_access(node: Node, views: FeatureViews) -> AdminContext
     admin.kick = kicker(node.sessions)
     admin.metrics = node.status.metrics
     admin.monitor = node.monitor
+    if node.federation is not None:
+        admin.federation = node.federation.counts
     return admin
 
 
@@ -274,6 +313,19 @@ async def _start_listeners(node: Node, nursery: trio.Nursery) -> None:
                 endpoint.port,
                 source,
             )
+    if node.federation is not None:
+        await nursery.start(node.federation.run)
+        for name, direct_tls in (("s2s", False), ("s2s_tls", True)):
+            for endpoint in config.listeners.by_name()[name].bind:
+                await _listen(
+                    config,
+                    name,
+                    endpoint,
+                    nursery,
+                    partial(node.federation.serve, direct_tls=direct_tls),
+                    endpoint.host,
+                    endpoint.port,
+                )
     if config.listeners.websocket.enabled:
         settings = WebSocketSettings.from_config(config)
         source = node.tls.source(_tls_spec(config, "websocket"))

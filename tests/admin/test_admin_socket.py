@@ -408,3 +408,11 @@ def test_the_access_list_cannot_be_crowded_out(
     accesses = admin_node.AuditAdapter(log).accesses_to(ALICE)
     assert [r["command"] for r in accesses] == ["inspect.messages"]
     log.close()
+
+
+async def test_federation_queues_are_visible_to_operators(admin: Admin) -> None:
+    assert await admin.run("federation") == {"enabled": False, "domains": {}}
+    assert admin.running.node.admin is not None
+    admin.running.node.admin.federation = lambda: {"b.test": {"queued": 3}}
+    assert await admin.run("federation") == {"enabled": True, "domains": {"b.test": {"queued": 3}}}
+    assert [r["command"] for r in admin.audit()].count("federation") == 2

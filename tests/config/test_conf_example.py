@@ -13,7 +13,7 @@ from villaged.config.model import setting_of
 EXAMPLE = Path(__file__).resolve().parents[2] / "conf" / "villaged.toml"
 #: Keys the packaged config leaves unset on purpose (logs go to journald; the recovery key
 #: is the operators' to make).
-OPTIONAL_KEYS = frozenset({"log.file", "backup.keyset_recipient"})
+OPTIONAL_KEYS = frozenset({"log.file", "backup.keyset_recipient", "federation.ca_file"})
 
 
 def test_example_config_loads_without_its_files() -> None:

@@ -253,12 +253,12 @@ def test_empty_file_says_what_is_missing(tmp_path: Path) -> None:
         (
             "colour = 1\n" + MINIMAL,
             'unknown key "colour" (known: server, tls, storage, listeners, c2s, websocket, log,'
-            " admin, monitor, backup)",
+            " admin, monitor, backup, federation)",
         ),
         (
             "source = 'x.toml'\n" + MINIMAL,
             'unknown key "source" (known: server, tls, storage, listeners, c2s, websocket, log,'
-            " admin, monitor, backup)",
+            " admin, monitor, backup, federation)",
         ),
         (
             MINIMAL + "[storage]\nsegment_size = 1\n",

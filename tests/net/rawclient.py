@@ -28,22 +28,35 @@ def header(domain: str = "localhost") -> bytes:
 
 
 class RawClient:
-    def __init__(self, stream: trio.abc.Stream, tcp: trio.SocketStream, ca_file: Path) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        tcp: trio.SocketStream,
+        ca_file: Path,
+        domain: str = "localhost",
+    ) -> None:
         self.stream = stream
         self.tcp = tcp
         self.ca_file = ca_file
+        self.domain = domain  # the server's domain: stream headers and the TLS name
         self.parser = xml.StreamParser()
         self.closed = False
         self.features: ET.Element | None = None  # the last stream features (after login)
 
     @classmethod
     async def connect(
-        cls, port: int, ca_file: Path, *, direct_tls: bool = False, local_address: str | None = None
+        cls,
+        port: int,
+        ca_file: Path,
+        *,
+        direct_tls: bool = False,
+        local_address: str | None = None,
+        domain: str = "localhost",
     ) -> RawClient:
         """Connect to the node on 127.0.0.1, from ``local_address`` (another loopback address,
         such as 127.0.0.2, to look like another host) when given."""
         tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=local_address)
-        client = cls(tcp, tcp, ca_file)
+        client = cls(tcp, tcp, ca_file, domain)
         if direct_tls:
             try:
                 await client._tls()
@@ -56,7 +69,7 @@ class RawClient:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
     async def _tls(self) -> None:
-        ssl_stream = trio.SSLStream(self.tcp, self._context(), server_hostname="localhost")
+        ssl_stream = trio.SSLStream(self.tcp, self._context(), server_hostname=self.domain)
         with trio.fail_after(10):
             await ssl_stream.do_handshake()
         self.stream = ssl_stream
@@ -109,7 +122,7 @@ class RawClient:
     ) -> str:
         """STARTTLS (unless already TLS), SASL PLAIN, bind; returns the bound full JID (or
         "" with ``bind=False``: the stream then waits for a bind or an XEP-0198 resume)."""
-        await self.send(header())
+        await self.send(header(self.domain))
         features = await self.element()
         if starttls:
             assert features.find("{urn:ietf:params:xml:ns:xmpp-tls}starttls") is not None
@@ -117,7 +130,7 @@ class RawClient:
             proceed = await self.element()
             assert proceed.tag == "{urn:ietf:params:xml:ns:xmpp-tls}proceed"
             await self._tls()
-            await self.send(header())
+            await self.send(header(self.domain))
             features = await self.element()
         assert features.find(f"{{{SASL}}}mechanisms") is not None
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
@@ -126,7 +139,7 @@ class RawClient:
         if result.tag != f"{{{SASL}}}success":
             raise PermissionError(result[0].tag.split("}")[1] if len(result) else "failure")
         self.parser = xml.StreamParser()
-        await self.send(header())
+        await self.send(header(self.domain))
         self.features = await self.element()  # bind, and what else is offered once bound
         if not bind:
             return ""

@@ -57,6 +57,7 @@ def add_parser(
     commands = admin.add_subparsers(dest="admin_command", required=True, metavar="COMMAND")
     commands.add_parser("status", help="node status")
     commands.add_parser("sessions", help="connected resources")
+    commands.add_parser("federation", help="outbound s2s queues per remote domain")
     commands.add_parser("kick", help="end a user's sessions").add_argument("jid")
     user = commands.add_parser("user", help="disable or enable an account")
     user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
@@ -98,7 +99,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 def _request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any], bool]:
     """(op, its arguments, whether it needs a fresh TOTP code)."""
     command = args.admin_command
-    if command in ("status", "sessions"):
+    if command in ("status", "sessions", "federation"):
         return command, {}, False
     if command == "kick":
         return "kick", {"jid": args.jid}, False

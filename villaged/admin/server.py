@@ -138,6 +138,8 @@ class AdminContext:
     per_uid: dict[int, int] = field(default_factory=dict)
     metrics: Metrics | None = None  # the node's Prometheus metrics (app.py)
     monitor: MonitorService | None = None  # the node's security monitor (app.py)
+    # Federation's outbound queues per destination domain (app.py, when [federation] is on).
+    federation: Callable[[], Mapping[str, Mapping[str, object]]] | None = None
 
     def record_security(self, kind: str, key: str) -> None:
         if self.monitor is not None:
@@ -421,6 +423,13 @@ class AdminConnection:
         result = sorted(str(s.jid) for s in self.ctx.sessions.all())
         await self._audit("sessions", "ok", data_sha256=_digest(result))
         return ok(result)
+
+    async def federation(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Per remote domain: stanzas in its durable queue, ephemeral ones waiting, and the
+        link's state (no content, no user names)."""
+        result = self.ctx.federation() if self.ctx.federation is not None else {}
+        await self._audit("federation", "ok")
+        return ok({"enabled": self.ctx.federation is not None, "domains": result})
 
     async def kick(self, args: dict[str, Any]) -> dict[str, Any]:
         jid = _jid(args.get("jid"))
@@ -715,6 +724,7 @@ COMMANDS: Final[
     "login": AdminConnection.login,
     "status": AdminConnection.status,
     "sessions": AdminConnection.sessions,
+    "federation": AdminConnection.federation,
     "kick": AdminConnection.kick,
     "user.disable": AdminConnection.user_disable,
     "user.enable": AdminConnection.user_enable,

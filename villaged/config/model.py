@@ -131,6 +131,16 @@ def _is_host(text: str) -> bool:
     return len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
+def parse_host(text: str) -> str:
+    """A host name, an IPv4 address or an IPv6 address (without brackets)."""
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        if not _is_host(text):
+            raise ValueError("neither an IP address nor a host name") from None
+    return text
+
+
 class Endpoint(NamedTuple):
     """A listening address: ``host`` is an IP literal (IPv6 without brackets) or a hostname."""
 
@@ -509,6 +519,73 @@ class MonitorConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """``[[federation.peers]]``: where a remote domain's server is, instead of DNS (private
+    federations, tests)."""
+
+    domain: str = field(metadata=setting(form=_DOMAIN_FORM, parse=parse_domain))
+    host: str = field(metadata=setting(form="a host name or IP address", parse=parse_host))
+    port: int = field(default=5269, metadata=setting(min=1, max=65535))
+    direct_tls: bool = False
+    #: Only for closed test networks: allow this peer without TLS.
+    require_tls: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class FederationConfig:
+    """``[federation]``: server-to-server links with other XMPP domains (villaged.federation).
+    Inbound streams arrive on ``[listeners.s2s]`` / ``[listeners.s2s_tls]``."""
+
+    enabled: bool = False
+    ca_file: Path | None = None
+    dialback: bool = True
+    allow: tuple[str, ...] = field(
+        default=(), metadata=setting(item_form=_DOMAIN_FORM, parse=parse_domain)
+    )
+    deny: tuple[str, ...] = field(
+        default=(), metadata=setting(item_form=_DOMAIN_FORM, parse=parse_domain)
+    )
+    peers: tuple[PeerConfig, ...] = ()
+    queue_deadline: int = field(default=86_400, metadata=setting(min=10, max=30 * 86_400))
+    max_queued_per_domain: int = field(default=10_000, metadata=setting(min=10, max=1_000_000))
+    retry_initial: int = field(default=5, metadata=setting(min=1, max=3600))
+    retry_max: int = field(default=600, metadata=setting(min=1, max=86_400))
+    connect_timeout: int = field(default=30, metadata=setting(min=1, max=600))
+    negotiation_timeout: int = field(default=60, metadata=setting(min=5, max=600))
+    idle_timeout: int = field(default=600, metadata=setting(min=10, max=86_400))
+    max_stanza_bytes: int = field(default=512 * KiB, metadata=setting(min=10 * KiB, max=16 * MiB))
+    bytes_per_second: int = field(default=1 * MiB, metadata=setting(min=1 * KiB, max=1 * GiB))
+    burst_bytes: int = field(default=4 * MiB, metadata=setting(min=16 * KiB, max=1 * GiB))
+    max_inbound_streams: int = field(default=1000, metadata=setting(min=1, max=1_000_000))
+
+    def validate(self, name: Callable[[str], str]) -> None:
+        if self.retry_max < self.retry_initial:
+            raise SettingError(
+                name("retry_max"), f"must be at least retry_initial ({self.retry_initial})"
+            )
+        if self.burst_bytes < self.max_stanza_bytes:
+            raise SettingError(
+                name("burst_bytes"), f"must be at least max_stanza_bytes ({self.max_stanza_bytes})"
+            )
+        seen: set[str] = set()
+        for index, peer in enumerate(self.peers):
+            if peer.domain in seen:
+                raise SettingError(
+                    name(f"peers[{index}].domain"), f'"{peer.domain}" is listed twice'
+                )
+            seen.add(peer.domain)
+        both = set(self.allow) & set(self.deny)
+        if both:
+            raise SettingError(name("deny"), f'"{sorted(both)[0]}" is also in allow')
+
+    def permits(self, domain: str) -> bool:
+        """Whether federation with ``domain`` is allowed by the allow/deny lists."""
+        if domain in self.deny:
+            return False
+        return not self.allow or domain in self.allow
+
+
+@dataclass(frozen=True, slots=True)
 class BackupConfig:
     """``[backup]``: where this node's backups go (``villaged backup create`` without ``--to``
     writes there, and the node reports their age as metrics)."""
@@ -533,4 +610,5 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
     source: Path = field(default=Path("villaged.toml"), metadata=not_a_key())

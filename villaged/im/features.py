@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from villaged.admin.account_status import AccountStatusView
+from villaged.federation.queue import OutboundQueueView
 from villaged.im.blocking import BlockingView
 from villaged.im.messages import MessageStoreView
 from villaged.im.private import PrivateView
@@ -36,6 +37,7 @@ class FeatureViews:
     messages: MessageStoreView = field(default_factory=MessageStoreView)
     blocking: BlockingView = field(default_factory=BlockingView)
     account_status: AccountStatusView = field(default_factory=AccountStatusView)
+    s2s_queue: OutboundQueueView = field(default_factory=OutboundQueueView)
 
     def all(self) -> list[View]:
         return [
@@ -45,6 +47,7 @@ class FeatureViews:
             self.messages,
             self.blocking,
             self.account_status,
+            self.s2s_queue,
         ]
 
 

@@ -5,7 +5,8 @@ A message from a client goes through these steps, in this order:
 1. refusals: a message between a user and a JID either of them blocks (``blocking``,
    XEP-0191) → ``not-acceptable`` with ``<blocked/>`` to a sender who blocks the recipient,
    ``service-unavailable`` to a sender the recipient blocks — before anything is archived
-   or queued; then (RFC 6121 §8.5.1/§8.5.2) another domain → ``remote-server-not-found``, the
+   or queued; then (RFC 6121 §8.5.1/§8.5.2) another domain → its federation queue
+   (`_accept_remote`; ``remote-server-not-found`` without federation or by policy), the
    server itself or an unknown user → ``service-unavailable``;
 2. sanitizing: <stanza-id/> elements claiming one of our archives and carbons wrappers are
    removed (only the server may make those: see the security considerations of XEP-0359 and
@@ -52,7 +53,7 @@ import copy
 import logging
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from villaged.im import carbons
 from villaged.im.carbons import Carbons
@@ -308,6 +309,8 @@ class Messages:
         self.view = found if found is not None else MessageStoreView()
         self.archive_keep = archive_keep
         self._clock = clock
+        #: Federation (app.py sets it when ``[federation]`` is on): messages for other domains.
+        self.remote: RemoteQueue | None = None
         self.carbons = Carbons(ctx)
         self.mam = Mam(ctx, self.view.archives, self.view.prefs, in_roster=in_roster)
         self.offline = Offline(ctx, self.view.offline, limit=offline_limit)
@@ -339,7 +342,9 @@ class Messages:
         if self._refused_by_block(pending, message, session.jid, to):
             return pending
         if not self.ctx.is_local(to):
-            if mtype != "error":
+            if self.remote is not None and self.remote.permits(to.domain):
+                await self._accept_remote(pending, session, message, to)
+            elif mtype != "error":
                 pending.reply(error_reply(message, "remote-server-not-found"))
             return pending
         if not to.local:
@@ -354,6 +359,47 @@ class Messages:
         carbons.strip_forged(message)
         await self._accept(pending, message, to)
         return pending
+
+    async def _accept_remote(
+        self, pending: PendingDelivery, session: Session, message: ET.Element, to: JID
+    ) -> None:
+        """A message for another domain: the sender's archive keeps it (when archivable), and
+        it is sealed into the domain's durable queue; both records are written before the
+        sender hears anything, then the federation link sends it."""
+        assert self.remote is not None
+        strip_stanza_ids(message, self.ctx.domain)
+        carbons.strip_forged(message)
+        sender_user = session.jid.bare
+        archive_out = (
+            self.durable and archivable(message) and self.mam.archives_with(sender_user, to)
+        )
+        copies = carbons.eligible(message)
+        carbons.strip_private(message)
+        outbound, outbound_id = _stamped_copy(message, sender_user if archive_out else None)
+        try:
+            if archive_out:
+                entry = await self._entry(
+                    sender_user, outbound, str(to), self._clock(), outbound_id, False
+                )
+                await self.ctx.store.submit(Record(MESSAGE_RECORD, {"e": [entry]}))
+            # The log is one sequence: once the queue record is durable, so is the archive's.
+            commit = await self.remote.enqueue(sender_user, message, to)
+        except RecordTooLargeError:
+            pending.bounce(message, "policy-violation", "message too large to store")
+            return
+        except RemoteQueueFullError:
+            pending.bounce(
+                message, "resource-constraint", f"too many messages wait for {to.domain}"
+            )
+            return
+        remote = self.remote
+
+        async def hand_over() -> None:
+            if copies:
+                self._send_carbons([], session, sender_user, to, outbound, outbound)
+            remote.wake(to.domain)
+
+        pending.accepted(commit, hand_over, None)
 
     async def flush_offline(self, session: Session) -> None:
         """Deliver the offline queue to ``session``: the presence feature's ``on_available``
@@ -533,6 +579,22 @@ class Messages:
             for session in sessions.of_user(recipient):
                 if session not in served and carbons.wants_copies(session):
                     session.send(carbons.wrap("received", recipient, session.jid, inbound))
+
+
+class RemoteQueueFullError(Exception):
+    """The destination domain's durable queue is full."""
+
+
+class RemoteQueue(Protocol):
+    """Where messages for other domains go (villaged.federation.service.Federation)."""
+
+    def permits(self, domain: str) -> bool: ...
+
+    async def enqueue(self, sender: JID, stanza: ET.Element, to: JID) -> PendingCommit:
+        """Durably queue ``stanza``; raises `RemoteQueueFullError`."""
+        ...
+
+    def wake(self, domain: str) -> None: ...
 
 
 def _stamped_copy(message: ET.Element, archive_owner: JID | None) -> tuple[ET.Element, str | None]:

@@ -20,7 +20,8 @@ availability of sessions:
 
 A session's priority (§4.7.2.1) is kept current here; what a negative priority means for
 message routing is the messages feature's business. Stanzas for other domains go to the
-``outbound_remote`` hook (by default the roster's), which drops them until federation exists.
+``outbound_remote`` hook (by default the roster's; federation's when it is on, see
+``villaged.federation.glue``); presence from other domains comes in through `from_remote`.
 Without a roster (a node built without the roster feature), presence reaches only the user's
 own resources and the targets of directed presence.
 
@@ -112,6 +113,22 @@ class Presence:
         """The session is gone: everyone who saw it available sees it leave."""
         gone = ET.Element(PRESENCE, {"type": "unavailable", "from": str(session.jid)})
         await self._unavailable(session, gone)
+
+    async def from_remote(self, presence: ET.Element, sender: JID, to: JID) -> None:
+        """A presence stanza from another domain (federation) to a local JID: subscription
+        stanzas go to the roster's state machine (RFC 6121 A.3), probes are answered (§4.3.2),
+        availability and errors reach the addressed user's resources (§4.3-§4.6)."""
+        if not to.local or not self.ctx.user_exists(to):
+            return  # §4.3.2 / §8.5.1: nothing to deliver to (and no answer for presence)
+        ptype = presence.get("type")
+        if ptype in SUBSCRIPTION_TYPES:
+            if self.roster is not None and not self._blocked(sender, to):
+                stamped = readdressed(presence, to.bare, sender.bare)
+                await self.roster.inbound_subscription(stamped, sender.bare, to.bare)
+        elif ptype == "probe":
+            await self.probe(sender, to.bare)
+        elif ptype in (None, "unavailable", "error"):
+            await self._send(presence, to)
 
     async def probe(self, prober: JID, contact: JID) -> None:
         """Answer a probe from ``prober`` for the presence of the local ``contact`` (§4.3.2).

@@ -9,14 +9,15 @@ a get or set is answered with the blocking feature's refusal, a result or error 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 from villaged.xmpp.jid import JID
 from villaged.xmpp.stanza import error_reply
 
 if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from villaged.im.blocking import Blocking
     from villaged.im.context import ImContext
@@ -44,6 +45,8 @@ class Router:
         self.messages = messages
         self.presence = presence
         self.blocking = blocking
+        #: Federation (app.py sets it when ``[federation]`` is on): iqs for other domains.
+        self.remote: RemoteStanzas | None = None
 
     # ----- entry points ------------------------------------------------------------------
 
@@ -92,7 +95,10 @@ class Router:
         elif to == JID("", self.domain):
             await self._handle_iq(session, iq, self.handlers.server_iq, to)
         elif to.domain != self.domain:
-            if request:
+            if self.remote is not None:
+                bounce = partial(_bounce_iq, session, iq) if request else None
+                self.remote.send_ephemeral(iq, to, bounce)
+            elif request:
                 session.send(error_reply(iq, "remote-server-not-found"))
         elif to.resource:
             target = self.sessions.get(to)
@@ -117,6 +123,18 @@ class Router:
             return
         reply = await handler(session, iq)
         session.send(reply)
+
+
+class RemoteStanzas(Protocol):
+    """Where stanzas for other domains go (villaged.federation.service.Federation)."""
+
+    def send_ephemeral(
+        self, stanza: ET.Element, to: JID, on_failure: Callable[[str], None] | None = None
+    ) -> None: ...
+
+
+def _bounce_iq(session: Session, iq: ET.Element, condition: str) -> None:
+    session.send(error_reply(iq, condition))
 
 
 def _namespace(tag: str) -> str:
