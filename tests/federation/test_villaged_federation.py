@@ -61,8 +61,10 @@ async def pair(
     ca_b: PemPair | None = None,
     cert_b: PemPair | None = None,
     federation_toml: str = "",
+    direct_tls: bool = False,
 ) -> tuple[FederatedNode, FederatedNode]:
-    """Two nodes, a.test and b.test, each with a static route to the other."""
+    """Two nodes, a.test and b.test, each with a static route to the other (to its direct-TLS
+    port, XEP-0368, with ``direct_tls``)."""
     ca = make_ca("federation test CA")
     base_a, base_b = free_port_base(), free_port_base()
     while abs(base_a - base_b) < 8:
@@ -72,7 +74,7 @@ async def pair(
         "a.test",
         ca_a or ca,
         certificate=cert_a,
-        routes={"b.test": Route(base_b + 4)},
+        routes={"b.test": Route(base_b + (5 if direct_tls else 4), direct_tls)},
         federation_toml=federation_toml,
         port_base=base_a,
     )
@@ -81,7 +83,7 @@ async def pair(
         "b.test",
         ca_b or ca,
         certificate=cert_b,
-        routes={"a.test": Route(base_a + 4)},
+        routes={"a.test": Route(base_a + (5 if direct_tls else 4), direct_tls)},
         federation_toml=federation_toml,
         port_base=base_b,
     )
@@ -97,11 +99,12 @@ async def chat(sender: RawClient, receiver: RawClient, to: str, body: str) -> ET
     return got
 
 
+@pytest.mark.parametrize("direct_tls", [False, True], ids=["starttls", "direct-tls"])
 async def test_chat_both_ways_with_certificates(
-    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, direct_tls: bool
 ) -> None:
     caplog.set_level(logging.INFO, "villaged.federation")
-    a, b = await pair(nursery, tmp_path)
+    a, b = await pair(nursery, tmp_path, direct_tls=direct_tls)
     alice, bob = await client(a, "alice"), await client(b, "bob")
     got = await chat(alice, bob, "bob@b.test", "hello from a")
     assert got.get("from") == "alice@a.test/r"
@@ -192,6 +195,16 @@ async def test_subscription_presence_and_chat_over_dialback(
     await bob.send(b"<iq type='get' id='p1' to='a.test'><ping xmlns='urn:xmpp:ping'/></iq>")
     pong = await bob_in.wait(lambda e: e.get("id") == "p1")
     assert (pong.get("type"), pong.get("from")) == ("result", "a.test")
+    # Disco of the remote server.
+    await bob.send(
+        b"<iq type='get' id='d1' to='a.test'>"
+        b"<query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+    )
+    info = await bob_in.wait(lambda e: e.get("id") == "d1")
+    assert info.get("type") == "result"
+    identity = info.find(".//{http://jabber.org/protocol/disco#info}identity")
+    assert identity is not None
+    assert identity.get("category") == "server"
 
     methods = {
         r.__dict__["method"]
