@@ -47,6 +47,7 @@ from villaged.ops.monitor import MonitorService
 from villaged.ops.sdnotify import notify
 from villaged.storage.errors import StorageError
 from villaged.storage.store import Store, StoreOptions
+from villaged.xmpp.jid import JID
 
 if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 
     from villaged.admin.server import AdminContext
     from villaged.config.model import Config
-    from villaged.xmpp.jid import JID
 
 log = logging.getLogger("villaged.app")
 
@@ -209,7 +209,9 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
     monitor.block_listeners.append(c2s.end_unauthenticated_streams)
     node = Node(config, store, tls, sessions, c2s, NodeStatus(metrics), monitor)
     if config.federation.enabled:
-        node.federation = _federate(config, store, views, im, messages, presence, router, monitor)
+        node.federation = _federate(
+            config, store, views, im, messages, presence, router, blocking, monitor
+        )
         roster.outbound_remote = presence.outbound_remote = RemotePresence(node.federation)
     return node
 
@@ -222,6 +224,7 @@ def _federate(
     messages: Messages,
     presence: Presence,
     router: Router,
+    blocking: Blocking,
     monitor: MonitorService,
 ) -> Federation:
     """Federation, wired into the IM layer: messages and iqs for other domains leave through
@@ -232,7 +235,14 @@ def _federate(
         raise StartupError(f"{config.source}: federation: {exc}") from None
     messages.remote = federation
     router.remote = federation
-    federation.inbound = InboundRouter(im, federation, messages=messages, presence=presence)
+    federation.inbound = InboundRouter(
+        im, federation, messages=messages, presence=presence, blocking=blocking
+    )
+
+    def answer_probe(stanza: ET.Element) -> None:
+        federation.send_ephemeral(stanza, JID.parse(stanza.get("to", "")))
+
+    presence.remote_answer = answer_probe
 
     async def bounce(stanza: ET.Element, to: JID) -> None:
         await messages.deliver(stanza, to, sender=None)

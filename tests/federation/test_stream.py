@@ -196,6 +196,7 @@ class Pair:
         frm: str = A,
         to: str = B,
         direct_tls: bool = False,
+        verify_only: bool = False,
         out_settings: dict[str, object] | None = None,
         in_settings: dict[str, object] | None = None,
     ) -> None:
@@ -204,6 +205,7 @@ class Pair:
             Role.OUTBOUND,
             remote_domain=to,
             direct_tls=direct_tls,
+            verify_only=verify_only,
             entropy=entropy(),
         )
         self.inbound = S2SStream(
@@ -938,3 +940,23 @@ def test_edge_paths() -> None:
         b"<reset xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>"
     )
     assert events == [StreamEnded("conflict", True, None)]
+
+
+@pytest.mark.parametrize("direct_tls", [False, True])
+def test_a_verify_only_stream_asks_and_never_authenticates_itself(direct_tls: bool) -> None:
+    # The receiving server's check must not make the authoritative server check it in turn.
+    pair = Pair(
+        frm=B,
+        to=A,
+        out_cert=UNTRUSTED_A,
+        in_cert=UNTRUSTED_A,
+        direct_tls=direct_tls,
+        verify_only=True,
+    )
+    key = dialback_key(SECRET_A, B, A, "sid-1")
+    pair.outbound.request_verify("sid-1", A, key)
+    pair.pump()
+    assert DialbackVerifyAnswered("sid-1", A, True) in pair.out_events
+    assert b"<result" not in pair.wire_out  # no <db:result/>: no dialback of its own
+    assert b"<auth" not in pair.wire_out
+    assert not any(isinstance(e, Authenticated | DialbackKeyReceived) for e in pair.in_events)

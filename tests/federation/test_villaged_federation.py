@@ -156,8 +156,9 @@ def security_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]
     return [r.__dict__ for r in caplog.records if r.__dict__.get("security")]
 
 
+@pytest.mark.parametrize("direct_tls", [False, True], ids=["starttls", "direct-tls"])
 async def test_subscription_presence_and_chat_over_dialback(
-    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, direct_tls: bool
 ) -> None:
     """Certificates neither node can verify: each proves its domain with dialback, and the
     whole IM flow works across the two domains."""
@@ -168,6 +169,7 @@ async def test_subscription_presence_and_chat_over_dialback(
         tmp_path,
         cert_a=issue(untrusted, "a.test"),
         cert_b=issue(untrusted, "b.test"),
+        direct_tls=direct_tls,
     )
     clients_ca, _ = write_pem_pair(tmp_path / "clients", "ca", untrusted)
     alice = await client(a, "alice", ca_file=clients_ca)
@@ -212,6 +214,11 @@ async def test_subscription_presence_and_chat_over_dialback(
         if r.__dict__.get("event") == "s2s.inbound_authenticated"
     }
     assert methods == {"dialback"}
+    # Each dialback check was answered on a verify-only stream: no storm of checks of checks.
+    handshakes = [
+        r for r in caplog.records if r.__dict__.get("event") == "s2s.certificate_unverified"
+    ]
+    assert len(handshakes) <= 8
     await alice.aclose()
     await bob.aclose()
     nursery.cancel_scope.cancel()

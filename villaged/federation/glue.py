@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
 
     from villaged.federation.service import Federation
+    from villaged.im.blocking import Blocking
     from villaged.im.context import ImContext
     from villaged.im.messages import Messages
     from villaged.im.presence import Presence
@@ -67,11 +68,13 @@ class InboundRouter:
         *,
         messages: Messages,
         presence: Presence,
+        blocking: Blocking | None = None,
     ) -> None:
         self.ctx = ctx
         self.federation = federation
         self.messages = messages
         self.presence = presence
+        self.blocking = blocking
 
     async def __call__(self, stanza: ET.Element, sender: JID, to: JID) -> None:
         what = kind(stanza)
@@ -83,11 +86,22 @@ class InboundRouter:
             await self._iq(stanza, sender, to)
 
     async def _iq(self, iq: ET.Element, sender: JID, to: JID) -> None:
-        request = iq.get("type") in ("get", "set")
+        iq_type = iq.get("type")
+        request = iq_type in ("get", "set")
         session = remote_session(self.federation, sender)
+        if iq_type not in ("get", "set", "result", "error") or not iq.get("id"):
+            if iq_type != "error":
+                session.send(error_reply(iq, "bad-request", text="iq needs an id and a type"))
+            return
         if request and len(iq) != 1:
             session.send(error_reply(iq, "bad-request", text="iq get/set has exactly one child"))
             return
+        if self.blocking is not None and to.local:
+            why = self.blocking.blocked(sender, to)
+            if why is not None:  # XEP-0191, as for local senders: refused, or dropped
+                if request:
+                    session.send(self.blocking.refusal(iq, why))
+                return
         handlers = self.ctx.handlers
         if to.resource:
             target = self.ctx.sessions.get(to)

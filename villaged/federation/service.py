@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -84,6 +85,9 @@ CONFIRM_TIMEOUT_S: Final = 30.0
 #: A dialback verification (connect, negotiate, ask) may take this long.
 VERIFY_TIMEOUT_S: Final = 30.0
 CLOSE_TIMEOUT_S: Final = 2.0
+#: Inbound streams from one address at once (a server needs one or two; dialback checks add
+#: a few); the rest wait for their turn by being refused.
+MAX_INBOUND_PER_IP: Final = 16
 RECEIVE_BYTES: Final = 65536
 NS_PING: Final = "urn:xmpp:ping"
 #: Stream errors we end an inbound stream with because the peer broke a rule or failed to
@@ -146,6 +150,7 @@ class _DomainLink:
     ephemeral: deque[_Ephemeral] = field(default_factory=deque)
     wake: trio.Event = field(default_factory=trio.Event)
     running: bool = False
+    progress: bool = False  # a batch was confirmed since the last failure
     failures: int = 0
     last_error: str | None = None
     connected: bool = False
@@ -183,6 +188,7 @@ class Federation:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self._inbound_streams = 0
+        self._inbound_per_ip: dict[str, int] = {}
         cert, key, ca = config.tls.cert, config.tls.key, self.settings.ca_file
         self._server_context: SSL.Context = make_s2s_context(
             cert, key, ca_file=ca, server_side=True
@@ -209,6 +215,10 @@ class Federation:
         body["d"] = domain
         body["t"] = _now_micros()
         return await self.store.submit(Record(QUEUED_RECORD, body))
+
+    def has_room(self, domain: str) -> bool:
+        """Whether ``domain``'s durable queue can take another stanza."""
+        return self.queue.count(domain) < self.settings.max_queued_per_domain
 
     def wake(self, domain: str) -> None:
         """Something is queued for ``domain``: make sure its link runs."""
@@ -277,7 +287,10 @@ class Federation:
         async def handler(tcp: trio.SocketStream) -> None:
             try:
                 await self._serve_inbound(tcp, direct_tls=direct_tls)
-            except Exception:
+            except* StorageError:
+                raise  # the store has failed: the node stops
+            except* Exception:
+                # A bug in one stream must not take the listener (and federation) down.
                 log.exception("s2s connection failed", extra={"event": "s2s.connection_failed"})
 
         await trio.serve_listeners(handler, listeners, task_status=task_status)
@@ -286,13 +299,18 @@ class Federation:
 
     async def _serve_inbound(self, tcp: trio.SocketStream, *, direct_tls: bool) -> None:
         peer = _peer_ip(tcp)
-        if self._inbound_streams >= self.settings.max_inbound_streams:
+        from_peer = self._inbound_per_ip.get(peer, 0)
+        if (
+            self._inbound_streams >= self.settings.max_inbound_streams
+            or from_peer >= MAX_INBOUND_PER_IP
+        ):
             _security("too many inbound s2s streams", "s2s.too_many_streams", peer=peer)
             with trio.move_on_after(CLOSE_TIMEOUT_S) as cleanup:
                 cleanup.shield = True
                 await tcp.aclose()
             return
         self._inbound_streams += 1
+        self._inbound_per_ip[peer] = from_peer + 1
         stream = core.S2SStream(
             self._stream_settings(), core.Role.INBOUND, direct_tls=direct_tls, entropy=os.urandom
         )
@@ -308,6 +326,9 @@ class Federation:
                 nursery.cancel_scope.cancel()
         finally:
             self._inbound_streams -= 1
+            left = self._inbound_per_ip.pop(peer) - 1
+            if left:
+                self._inbound_per_ip[peer] = left
             await connection.aclose()
 
     async def _inbound_events(self, connection: _S2SConnection, nursery: trio.Nursery) -> None:
@@ -510,59 +531,12 @@ class Federation:
         except* StorageError:
             raise  # the store has failed: the node stops
         except* Exception:
-            # A bug in one link must not take federation (and the node) down; its queue stays.
+            # A bug in one link must not take federation (and the node) down; its queue stays,
+            # and the link tries again after the longest backoff (not in a tight loop).
             log.exception(
                 "s2s link failed", extra={"event": "s2s.link_failed", "domain": link.domain}
             )
-
-    async def _run_link_until_idle(self, link: _DomainLink) -> None:
-        backoff = float(self.settings.retry_initial)
-        try:
-            while self._has_work(link):
-                link.wake = trio.Event()
-                try:
-                    connection = await self._connect(link.domain, verify_only=False)
-                except _LinkFailedError as exc:
-                    link.failures += 1
-                    link.last_error = exc.reason
-                    log.info(
-                        "s2s connection failed",
-                        extra={
-                            "event": "s2s.connect_failed",
-                            "domain": link.domain,
-                            "error": exc.reason,
-                            "retry_in": backoff,
-                        },
-                    )
-                    self._fail_ephemeral(link, exc.condition)
-                    await self._bounce_expired(link.domain, exc.condition)
-                    if not self._has_work(link):
-                        break
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, float(self.settings.retry_max))
-                    continue
-                backoff = float(self.settings.retry_initial)
-                link.failures, link.last_error, link.connected = 0, None, True
-                try:
-                    await self._pump(link, connection)
-                except* (
-                    trio.BrokenResourceError,
-                    trio.ClosedResourceError,
-                    trio.TooSlowError,
-                ) as lost:
-                    first = lost.exceptions[0]
-                    link.last_error = f"connection lost: {first or type(first).__name__}"
-                    log.info(
-                        "s2s link lost",
-                        extra={
-                            "event": "s2s.link_lost",
-                            "domain": link.domain,
-                            "error": link.last_error,
-                        },
-                    )
-                finally:
-                    link.connected = False
-                    await connection.aclose()
+            await trio.sleep(self.settings.retry_max)
         finally:
             link.running = False
             if self._has_work(link):
@@ -570,16 +544,73 @@ class Federation:
             elif not link.ephemeral:
                 self._links.pop(link.domain, None)
 
+    async def _run_link_until_idle(self, link: _DomainLink) -> None:
+        """Connect and send until nothing is left; every failure — to connect, or of a
+        connection that was up (lost, or its confirmation never came) — backs off
+        exponentially and bounces what has passed its deadline. The backoff starts over only
+        when a batch was confirmed."""
+        backoff = float(self.settings.retry_initial)
+        while self._has_work(link):
+            link.wake = trio.Event()
+            failure = await self._connect_and_pump(link)
+            if failure is None:
+                continue  # idle and closed: the loop ends unless work came meanwhile
+            if link.progress:
+                link.progress = False
+                backoff = float(self.settings.retry_initial)
+            link.failures += 1
+            link.last_error = failure.reason
+            log.info(
+                "s2s link failed",
+                extra={
+                    "event": "s2s.connect_failed",
+                    "domain": link.domain,
+                    "error": failure.reason,
+                    "retry_in": backoff,
+                },
+            )
+            self._fail_ephemeral(link, failure.condition)
+            await self._bounce_expired(link.domain, failure.condition)
+            if not self._has_work(link):
+                break
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, float(self.settings.retry_max))
+
+    async def _connect_and_pump(self, link: _DomainLink) -> _LinkFailedError | None:
+        """One connection's life: None if it ended because it was idle."""
+        try:
+            connection = await self._connect(link.domain, verify_only=False)
+        except _LinkFailedError as exc:
+            return exc
+        link.connected = True
+        failure: _LinkFailedError | None = None
+        try:
+            await self._pump(link, connection)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as lost:
+            first = lost.exceptions[0]
+            reason = f"connection lost: {first or type(first).__name__}"
+            failure = _LinkFailedError("remote-server-timeout", reason)
+        finally:
+            link.connected = False
+            await connection.aclose()
+        return failure
+
     async def _pump(self, link: _DomainLink, connection: _S2SConnection) -> None:
         """Send everything for the domain over an authenticated connection until it has been
         idle for ``idle_timeout``."""
 
+        certificate = connection.peer_certificate
+        proven = certificate is not None and certificate.covers(link.domain)
+
         async def read() -> None:
+            # No idle timeout here: answers usually come back on the remote's own stream, so
+            # a busy link may read nothing for long; the sending side decides when it is idle.
             while True:
-                event = await connection.next_event()
-                if isinstance(event, core.StanzaReceived):
+                event = await connection.next_event(idle=False)
+                if isinstance(event, core.StanzaReceived) and proven:
                     # Our outbound stream carries nothing back unless the peer speaks on it
-                    # (bidirectional servers): treat that like an inbound stanza.
+                    # (bidirectional servers). Taken as inbound only if the remote proved its
+                    # domain with its certificate: dialback proved ours, not theirs.
                     await self._dispatch_inbound(event.element, event.from_, event.to)
                 elif isinstance(event, core.StreamEnded | core.ConnectionLost):
                     raise trio.BrokenResourceError("the remote server closed the stream")
@@ -630,6 +661,9 @@ class Federation:
             del self._confirmations[ping_id]
         ids = [entry.record_id for entry in batch]
         await self.store.commit(Record(DONE_RECORD, {"d": domain, "ids": ids, "r": "sent"}))
+        link = self._links.get(domain)
+        if link is not None:
+            link.progress, link.failures, link.last_error = True, 0, None
         log.debug(
             "stanzas delivered",
             extra={"event": "s2s.delivered", "domain": domain, "count": len(ids)},
@@ -638,8 +672,22 @@ class Federation:
     def _unsealed(self, entry: QueuedStanza) -> ET.Element | None:
         try:
             return unpack_stanza(self.store.unseal_body(QUEUED_RECORD, entry.body()))
-        except (ShreddedError, StorageError):
+        except ShreddedError:
             return None  # its sender was deleted meanwhile: nothing to send
+        except StorageError as exc:
+            # Damaged or undecryptable: it cannot be sent or bounced. Say so loudly; it is
+            # dropped from the queue with its batch rather than block the domain forever.
+            log.error(
+                "queued stanza unreadable; dropped",
+                extra={
+                    "event": "s2s.unreadable",
+                    "security": True,
+                    "domain": entry.domain,
+                    "record": entry.record_id,
+                    "error": str(exc)[:200],
+                },
+            )
+            return None
 
     def _fail_ephemeral(self, link: _DomainLink, condition: str) -> None:
         while link.ephemeral:
@@ -714,6 +762,7 @@ class Federation:
                 core.Role.OUTBOUND,
                 remote_domain=domain,
                 direct_tls=candidate.direct_tls,
+                verify_only=verify_only,
                 entropy=os.urandom,
             )
             connection = _S2SConnection(self, tcp, stream, _peer_ip(tcp), remote=domain)
@@ -737,8 +786,11 @@ class Federation:
         self, connection: _S2SConnection, candidate: Candidate, verify_only: bool
     ) -> bool:
         stream = connection.core
-        if candidate.direct_tls and not await connection.start_tls(server_side=False):
-            return False
+        if candidate.direct_tls:
+            if not await connection.start_tls(server_side=False):
+                return False
+            if verify_only:
+                return True  # the core asks once features arrive; it never logs in
         stream.start()
         await connection.flush()
         while True:
@@ -849,7 +901,9 @@ class _S2SConnection:
             with trio.fail_after(self.federation.settings.negotiation_timeout):
                 await self.transport.send_all(data)
 
-    async def next_event(self, *, negotiation_deadline: float | None = None) -> core.Event:
+    async def next_event(
+        self, *, negotiation_deadline: float | None = None, idle: bool = True
+    ) -> core.Event:
         """The core's next event, reading as it needs data (after the stream has ended, its
         end again). Reads are bounded by the idle timeout (and, until negotiated, by
         ``negotiation_deadline``), and a peer over its byte rate is slowed down."""
@@ -860,7 +914,7 @@ class _S2SConnection:
             if event is not core.NEED_DATA:
                 assert isinstance(event, core.Event)
                 return event
-            deadline = trio.current_time() + settings.idle_timeout
+            deadline = trio.current_time() + settings.idle_timeout if idle else math.inf
             if negotiation_deadline is not None and not self.deadline_passed:
                 deadline = min(deadline, negotiation_deadline)
             try:

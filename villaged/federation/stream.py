@@ -354,11 +354,15 @@ class S2SStream:
         *,
         remote_domain: str | None = None,
         direct_tls: bool = False,
+        verify_only: bool = False,
         entropy: Callable[[int], bytes],
     ) -> None:
         if role is Role.OUTBOUND and not remote_domain:
             raise ValueError("an OUTBOUND stream needs remote_domain")
         self.settings = settings
+        #: OUTBOUND: the stream only carries ``request_verify`` questions (XEP-0220 §2.3) and
+        #: never authenticates itself: a check must not set off the peer's own checks of us.
+        self.verify_only = verify_only
         self.role = role
         self.remote_domain = remote_domain.lower() if remote_domain else None
         self._entropy = entropy
@@ -885,6 +889,8 @@ class S2SStream:
         mechanisms = {m.text for m in features.iter(f"{{{NS_SASL}}}mechanism")}
         self.phase = Phase.PRE_AUTH
         self._flush_verifies()
+        if self.verify_only:
+            return
         if "EXTERNAL" in mechanisms and self.tls_active:
             self._method = "sasl-external"
             self.phase = Phase.AUTHENTICATING

@@ -367,6 +367,11 @@ class Messages:
         it is sealed into the domain's durable queue; both records are written before the
         sender hears anything, then the federation link sends it."""
         assert self.remote is not None
+        if not self.remote.has_room(to.domain):  # before anything is archived
+            pending.bounce(
+                message, "resource-constraint", f"too many messages wait for {to.domain}"
+            )
+            return
         strip_stanza_ids(message, self.ctx.domain)
         carbons.strip_forged(message)
         sender_user = session.jid.bare
@@ -589,6 +594,8 @@ class RemoteQueue(Protocol):
     """Where messages for other domains go (villaged.federation.service.Federation)."""
 
     def permits(self, domain: str) -> bool: ...
+
+    def has_room(self, domain: str) -> bool: ...
 
     async def enqueue(self, sender: JID, stanza: ET.Element, to: JID) -> PendingCommit:
         """Durably queue ``stanza``; raises `RemoteQueueFullError`."""

@@ -84,6 +84,9 @@ class Presence:
         if outbound_remote is None:
             outbound_remote = roster.outbound_remote if roster is not None else drop_remote
         self.outbound_remote = outbound_remote
+        #: Federation (app.py): how the answer to another domain's probe leaves — at once and
+        #: not stored, so that a remote server probing cannot make this node write to its log.
+        self.remote_answer: Callable[[ET.Element], None] | None = None
         self.max_directed = max_directed
         # Per session: who got directed available presence from it and must hear it leave.
         self._directed: dict[Session, set[JID]] = {}
@@ -144,6 +147,8 @@ class Presence:
             unsubscribed = presence_stanza("unsubscribed", contact, prober.bare)
             if self.ctx.is_local(prober):
                 await roster.inbound_subscription(unsubscribed, contact, prober.bare)
+            elif self.remote_answer is not None:
+                self.remote_answer(unsubscribed)
             else:
                 await self.outbound_remote(unsubscribed)
             return

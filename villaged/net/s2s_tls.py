@@ -278,6 +278,9 @@ def _load_trust(context: SSL.Context, ca_file: Path) -> None:
 class _VerificationLog:
     """What OpenSSL's certificate verification found on one connection (its app data)."""
 
+    #: Verifying a client's certificate (we are the server): a missing clientAuth usage is
+    #: forgiven there, never for a server's certificate (which must have serverAuth).
+    checking_client: bool = False
     leaf_checked: bool = False
     errors: list[str] = field(default_factory=list)
     error_count: int = 0
@@ -287,7 +290,7 @@ class _VerificationLog:
             self.leaf_checked = True
         if ok and code == 0:
             return
-        if depth == 0 and code == _X509_V_ERR_INVALID_PURPOSE:
+        if depth == 0 and code == _X509_V_ERR_INVALID_PURPOSE and self.checking_client:
             # A server certificate used as a client certificate: public CAs have stopped
             # putting clientAuth in them, yet it is the same server's identity (Prosody and
             # ejabberd accept it too). The chain and the name are still checked.
@@ -360,7 +363,7 @@ class OpenSSLStream(trio.abc.Stream):
         server_hostname: str | None = None,
     ) -> None:
         self.transport = transport
-        self._verification = _VerificationLog()
+        self._verification = _VerificationLog(checking_client=server_side)
         self._connection = SSL.Connection(context, None)
         self._connection.set_app_data(self._verification)
         if server_side:
