@@ -212,7 +212,8 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
         node.federation = _federate(
             config, store, views, im, messages, presence, router, blocking, monitor
         )
-        roster.outbound_remote = presence.outbound_remote = RemotePresence(node.federation)
+        hook = RemotePresence(node.federation, sessions)
+        roster.outbound_remote = presence.outbound_remote = hook
     return node
 
 

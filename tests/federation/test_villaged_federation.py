@@ -157,21 +157,30 @@ def security_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]
 
 
 @pytest.mark.parametrize("direct_tls", [False, True], ids=["starttls", "direct-tls"])
-async def test_subscription_presence_and_chat_over_dialback(
-    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, direct_tls: bool
+@pytest.mark.parametrize("auth_mode", ["certs", "dialback"])
+async def test_subscription_presence_and_chat_across_domains(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    direct_tls: bool,
+    auth_mode: str,
 ) -> None:
-    """Certificates neither node can verify: each proves its domain with dialback, and the
-    whole IM flow works across the two domains."""
+    """The whole IM flow across the two domains, each proving itself with its certificate
+    (SASL EXTERNAL) — or, with certificates neither can verify, with dialback."""
     caplog.set_level(logging.INFO, "villaged.federation")
-    untrusted = make_ca("not trusted by the servers")
+    ca = make_ca("federation test CA")
+    issuer = make_ca("not trusted by the servers") if auth_mode == "dialback" else ca
     a, b = await pair(
         nursery,
         tmp_path,
-        cert_a=issue(untrusted, "a.test"),
-        cert_b=issue(untrusted, "b.test"),
+        ca_a=ca,
+        ca_b=ca,
+        cert_a=issue(issuer, "a.test"),
+        cert_b=issue(issuer, "b.test"),
         direct_tls=direct_tls,
+        federation_toml="dialback = false\n" if auth_mode == "certs" else "",
     )
-    clients_ca, _ = write_pem_pair(tmp_path / "clients", "ca", untrusted)
+    clients_ca, _ = write_pem_pair(tmp_path / "clients", "ca", issuer)
     alice = await client(a, "alice", ca_file=clients_ca)
     bob = await client(b, "bob", ca_file=clients_ca)
     alice_in, bob_in = Inbox(alice), Inbox(bob)
@@ -185,9 +194,12 @@ async def test_subscription_presence_and_chat_over_dialback(
     await alice.send(b"<presence to='bob@b.test' type='subscribed'/>")
     await bob_in.presence("alice@a.test")
 
-    await alice.send(b"<message to='bob@b.test' type='chat'><body>over dialback</body></message>")
+    await alice.send(b"<message to='bob@b.test' type='chat'><body>across</body></message>")
     got = await bob_in.wait(lambda e: e.tag == f"{CLIENT}message")
-    assert got.findtext(f"{CLIENT}body") == "over dialback"
+    assert got.findtext(f"{CLIENT}body") == "across"
+    await bob.send(b"<message to='alice@a.test' type='chat'><body>and back</body></message>")
+    got = await alice_in.wait(lambda e: e.tag == f"{CLIENT}message")
+    assert got.findtext(f"{CLIENT}body") == "and back"
     await bob.send(b"<iq type='get' id='roster'><query xmlns='jabber:iq:roster'/></iq>")
     roster = await bob_in.wait(lambda e: e.get("id") == "roster")
     items = {i.get("jid"): i.get("subscription") for i in roster.iter("{jabber:iq:roster}item")}
@@ -213,7 +225,7 @@ async def test_subscription_presence_and_chat_over_dialback(
         for r in caplog.records
         if r.__dict__.get("event") == "s2s.inbound_authenticated"
     }
-    assert methods == {"dialback"}
+    assert methods == {"sasl-external" if auth_mode == "certs" else "dialback"}
     # Each dialback check was answered on a verify-only stream: no storm of checks of checks.
     handshakes = [
         r for r in caplog.records if r.__dict__.get("event") == "s2s.certificate_unverified"

@@ -27,7 +27,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from villaged.im.messages import RemoteQueueFullError
-from villaged.im.roster import SUBSCRIPTION_TYPES
+from villaged.im.roster import SUBSCRIPTION_TYPES, deliver_presence
 from villaged.im.sessions import Session
 from villaged.xmpp.jid import JID, JIDError
 from villaged.xmpp.stanza import error_reply, kind
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from villaged.im.context import ImContext
     from villaged.im.messages import Messages
     from villaged.im.presence import Presence
+    from villaged.im.sessions import SessionRegistry
 
 log = logging.getLogger("villaged.federation.glue")
 
@@ -129,8 +130,9 @@ class InboundRouter:
 class RemotePresence:
     """The ``outbound_remote`` hook of the roster and presence features."""
 
-    def __init__(self, federation: Federation) -> None:
+    def __init__(self, federation: Federation, sessions: SessionRegistry | None = None) -> None:
         self.federation = federation
+        self.sessions = sessions
 
     async def __call__(self, stanza: ET.Element) -> None:
         to = _parse(stanza.get("to"))
@@ -145,6 +147,9 @@ class RemotePresence:
                     "subscription stanza dropped: the domain's queue is full",
                     extra={"event": "s2s.queue_full", "domain": to.domain},
                 )
+                if self.sessions is not None:  # the user's clients hear why (RFC 6120 §8.3)
+                    error = error_reply(stanza, "resource-constraint", text="try again later")
+                    deliver_presence(self.sessions, error, sender.bare)
                 return
             await commit.wait()
             self.federation.wake(to.domain)
