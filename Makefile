@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/c2s_throughput.py --pairs 50 --rate 500 --seconds 10 --idle 2000
 	$(BIN)/python bench/c2s_throughput.py --pairs 50 --seconds 10 --ws
 	$(BIN)/python bench/c2s_throughput.py --pairs 50 --rate 500 --seconds 10 --ws
+	$(BIN)/python bench/s2s_throughput.py --pairs 20 --seconds 10
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .coverage build *.egg-info
