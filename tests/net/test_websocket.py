@@ -836,7 +836,9 @@ def test_defaults_follow_the_domain_and_listener(tmp_path: Path) -> None:
     assert origin_of("wss://[::1]:5443/ws") == "https://[::1]:5443"
 
 
-def upgrade_request(*extra: tuple[str, str], version: str = "13") -> h11.Request:
+def upgrade_request(
+    *extra: tuple[str, str], version: str = "13", key: str | None = None
+) -> h11.Request:
     return h11.Request(
         method="GET",
         target="/xmpp-websocket?client=test",
@@ -844,7 +846,7 @@ def upgrade_request(*extra: tuple[str, str], version: str = "13") -> h11.Request
             ("host", "example.org"),
             ("upgrade", "websocket"),
             ("connection", "keep-alive, Upgrade"),
-            ("sec-websocket-key", base64.b64encode(b"0123456789abcdef").decode()),
+            ("sec-websocket-key", key or base64.b64encode(b"0123456789abcdef").decode()),
             ("sec-websocket-version", version),
             *extra,
         ],
@@ -870,7 +872,16 @@ def test_answers_to_upgrade_requests() -> None:
         return answer
 
     old = refusal(upgrade_request(("sec-websocket-protocol", "xmpp"), version="8"))
-    assert (old.status, old.headers) == (426, (("Sec-WebSocket-Version", "13"),))
+    assert (old.status, old.headers) == (
+        426,
+        (("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")),
+    )
+    for key in ("c2hvcnQ=", "not base64!", base64.b64encode(b"x" * 17).decode()):
+        answer = refusal(upgrade_request(("sec-websocket-protocol", "xmpp"), key=key))
+        assert (answer.status, answer.refusal) == (
+            400,
+            ("websocket.bad_handshake", "Sec-WebSocket-Key is not 16 bytes of base64"),
+        )
     two = refusal(
         upgrade_request(
             ("origin", "https://example.org"),
@@ -888,7 +899,11 @@ def test_answers_to_upgrade_requests() -> None:
     assert evil.refusal is not None
     assert evil.refusal[0] == "websocket.origin_refused"
     plain = refusal(h11.Request(method="HEAD", target="/xmpp-websocket", headers=[("host", "x")]))
-    assert plain.status == 405
+    assert (plain.status, plain.headers) == (405, (("allow", "GET"),))
+    meta = refusal(
+        h11.Request(method="POST", target="/.well-known/host-meta", headers=[("host", "x")])
+    )
+    assert (meta.status, meta.headers) == (405, (("allow", "GET, HEAD"),))
 
 
 def test_host_meta_documents() -> None:

@@ -35,6 +35,7 @@ Only the reader reads, and it never writes: what the framing must send on its ow
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import html
 import ipaddress
@@ -220,7 +221,8 @@ def answer_request(
     path = request.target.decode("ascii", "replace").split("?", 1)[0]
     if path in (HOST_META_XRD, HOST_META_JSON):
         if method not in ("GET", "HEAD"):
-            return _refuse(405, "websocket.method_not_allowed", f"{method} {path[:_CLIP]}")
+            refusal = _refuse(405, "websocket.method_not_allowed", f"{method} {path[:_CLIP]}")
+            return replace(refusal, headers=(*refusal.headers, ("allow", "GET, HEAD")))
         json_wanted = path == HOST_META_JSON
         return HttpAnswer(
             200,
@@ -235,7 +237,14 @@ def answer_request(
     if path != settings.path:
         return _refuse(404, "websocket.not_found", f"{method} {path[:_CLIP]}")
     if method != "GET":
-        return _refuse(405, "websocket.method_not_allowed", f"{method} {path[:_CLIP]}")
+        refusal = _refuse(405, "websocket.method_not_allowed", f"{method} {path[:_CLIP]}")
+        return replace(refusal, headers=(*refusal.headers, ("allow", "GET")))
+    keys = [value for name, value in request.headers if name == b"sec-websocket-key"]
+    if len(keys) == 1 and not _valid_websocket_key(keys[0]):
+        # RFC 6455 §4.2.1: a base64-encoded 16-byte value (wsproto only checks it is there).
+        return _refuse(
+            400, "websocket.bad_handshake", "Sec-WebSocket-Key is not 16 bytes of base64"
+        )
     origins = [value for name, value in request.headers if name == b"origin"]
     if len(origins) > 1:
         return _refuse(400, "websocket.bad_handshake", "more than one Origin header", True)
@@ -248,6 +257,8 @@ def answer_request(
         refusal = _refuse(400, "websocket.bad_handshake", str(exc)[:_CLIP])
         if isinstance(hint, RejectConnection):  # e.g. 426 naming the version we speak
             hint_headers = tuple((n.decode("ascii"), v.decode("ascii")) for n, v in hint.headers)
+            if hint.status_code == 426:  # RFC 9110 §15.5.22: say what to upgrade to
+                hint_headers = (*hint_headers, ("Upgrade", "websocket"))
             refusal = replace(refusal, status=hint.status_code, headers=hint_headers)
         return refusal
     except (LocalProtocolError, h11.ProtocolError, UnicodeError, StopIteration) as exc:
@@ -263,6 +274,13 @@ def answer_request(
     response = handshake.send(AcceptConnection(subprotocol=SUBPROTOCOL))
     assert handshake.connection is not None
     return UpgradeAccepted(response, handshake.connection)
+
+
+def _valid_websocket_key(value: bytes) -> bool:
+    try:
+        return len(base64.b64decode(value.strip(), validate=True)) == 16
+    except ValueError:
+        return False
 
 
 def _refuse(status: int, event: str, reason: str, security: bool = False) -> HttpAnswer:
