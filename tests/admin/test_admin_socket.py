@@ -416,3 +416,39 @@ async def test_federation_queues_are_visible_to_operators(admin: Admin) -> None:
     admin.running.node.admin.federation = lambda: {"b.test": {"queued": 3}}
     assert await admin.run("federation") == {"enabled": True, "domains": {"b.test": {"queued": 3}}}
     assert [r["command"] for r in admin.audit()].count("federation") == 2
+
+
+async def test_a_new_holder_of_a_jid_does_not_see_the_former_accounts_accesses(
+    admin: Admin,
+) -> None:
+    running = admin.running
+    grant = await admin.grant()
+    await admin.run("inspect", what="account", jid=ALICE, grant=grant)
+    store = running.node.store
+    await trio.sleep(1.01)  # account times are whole seconds
+    await store.set_password(ALICE, "a new password")  # the same account: still listed
+    account = store.state.accounts.get(ALICE)
+    assert account is not None
+    assert account.secrets is not None
+    created = account.secrets.created
+
+    async def listed(password: str) -> list[str]:
+        alice = await RawClient.connect(running.c2s, running.ca_file)
+        await alice.login("alice", password, resource="r")
+        await alice.send(f"<iq type='get' id='a1'><accesses xmlns='{NS_ACCESS}'/></iq>".encode())
+        for _ in range(10):
+            answer = await alice.element()
+            if answer.get("id") == "a1":
+                break
+        await alice.aclose()
+        return [a.get("action", "") for a in answer.iter(f"{{{NS_ACCESS}}}access")]
+
+    assert await listed("a new password") == ["grant.request", "inspect.account"]
+    await store.delete_user(ALICE)
+    await trio.sleep(1.01)
+    await store.add_user(ALICE, "alice-password")
+    new = store.state.accounts.get(ALICE)
+    assert new is not None
+    assert new.secrets is not None
+    assert new.secrets.created > created
+    assert await listed("alice-password") == []

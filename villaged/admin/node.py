@@ -15,7 +15,7 @@ from villaged.admin import transparency
 from villaged.admin.audit import AuditLog
 from villaged.admin.grants import GrantBook
 from villaged.admin.operators import LoginResult, OperatorStore
-from villaged.admin.server import AdminContext, serve_admin
+from villaged.admin.server import AdminContext, serve_admin, time_text
 from villaged.storage import crypto
 
 if TYPE_CHECKING:
@@ -134,7 +134,13 @@ def open_admin(
         # queries never hold up an operator's audit write.
         return await trio.to_thread.run_sync(audit.accesses_to, user)
 
-    transparency.register(handlers, accesses_to)
+    def created(user: str) -> str | None:
+        account = store.state.accounts.get(user)
+        if account is None or account.secrets is None:
+            return None
+        return time_text(account.secrets.created)
+
+    transparency.register(handlers, accesses_to, since=created)
     handlers.account_features.add(transparency.NS_ACCESS)
     return ctx
 

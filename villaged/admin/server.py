@@ -492,7 +492,7 @@ class AdminConnection:
             "pending" if grant.pending else "ok",
             grant=grant.id,
             justification=grant.justification,
-            expires=_time_text(time.time() + (grant.expires - grant.created)),
+            expires=time_text(time.time() + (grant.expires - grant.created)),
             **fields,
         )
         self.ctx.grants.add(grant)
@@ -760,9 +760,10 @@ def _digest(data: object) -> str:
 
 
 def _now_text() -> str:
-    return _time_text(time.time())
+    return time_text(time.time())
 
 
-def _time_text(seconds: float) -> str:
+def time_text(seconds: float) -> str:
+    """Audit record time: RFC 3339 UTC with milliseconds (sorts as text)."""
     moment = datetime.fromtimestamp(seconds, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -46,13 +46,24 @@ def is_access(record: dict[str, Any], user: str) -> bool:
 
 
 def register(
-    handlers: HandlerRegistry, accesses_to: Callable[[str], Awaitable[list[dict[str, Any]]]]
+    handlers: HandlerRegistry,
+    accesses_to: Callable[[str], Awaitable[list[dict[str, Any]]]],
+    since: Callable[[str], str | None] | None = None,
 ) -> None:
+    """Answer ``<accesses/>`` from ``accesses_to(user)``; ``since(user)`` is when the account
+    was made (audit time text): accesses to a former account of the same JID are not its
+    holder's to see."""
+
     async def handle(session: Session, iq: ET.Element) -> ET.Element:
         if iq.get("type") != "get" or iq[0].tag != f"{{{NS_ACCESS}}}accesses":
             return error_reply(iq, "bad-request", text="ask with an iq get of <accesses/>")
         user = str(session.jid.bare)
-        records = [r for r in await accesses_to(user) if is_access(r, user)][-MAX_LISTED:]
+        start = (since(user) if since is not None else None) or ""
+        records = [
+            r
+            for r in await accesses_to(user)
+            if is_access(r, user) and str(r.get("t", "")) >= start
+        ][-MAX_LISTED:]
         listing = ET.Element(f"{{{NS_ACCESS}}}accesses")
         for record in records:
             attributes = {

@@ -388,6 +388,12 @@ class Store:
 
     async def _write_credentials(self, rtype: str, jid: str, password: str) -> None:
         secrets = await trio.to_thread.run_sync(_derive_secrets, password)
+        account = self.state.accounts.get(jid)
+        if rtype == ACCOUNT_PASSWORD and account is not None and account.secrets is not None:
+            # ``created`` is when the account was made, whatever its password changes: its
+            # access-transparency listing starts there (a former holder of the JID's does not
+            # show through).
+            secrets = AccountSecrets(account.secrets.created, secrets.credentials)
         body = await self.sealed_body(rtype, jid, pack_account_secrets(secrets))
         await self.commit(Record(rtype, body))
 
