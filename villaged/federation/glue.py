@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from villaged.im.messages import RemoteQueueFullError
 from villaged.im.roster import SUBSCRIPTION_TYPES, deliver_presence
 from villaged.im.sessions import Session
-from villaged.xmpp.jid import JID, JIDError
+from villaged.xmpp.jid import JID
 from villaged.xmpp.stanza import error_reply, kind
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def remote_session(federation: Federation, entity: JID) -> Session:
     """A session standing for ``entity`` of another domain: what is sent to it goes over s2s."""
 
     def enqueue(stanza: ET.Element) -> bool:
-        to = _parse(stanza.get("to")) or entity
+        to = JID.parse_or_none(stanza.get("to")) or entity
         federation.send_ephemeral(stanza, to)
         return True
 
@@ -135,8 +135,8 @@ class RemotePresence:
         self.sessions = sessions
 
     async def __call__(self, stanza: ET.Element) -> None:
-        to = _parse(stanza.get("to"))
-        sender = _parse(stanza.get("from"))
+        to = JID.parse_or_none(stanza.get("to"))
+        sender = JID.parse_or_none(stanza.get("from"))
         if to is None or sender is None or not self.federation.permits(to.domain):
             return  # RFC 6121 lets a server drop presence it cannot route
         if stanza.get("type") in SUBSCRIPTION_TYPES:
@@ -155,15 +155,6 @@ class RemotePresence:
             self.federation.wake(to.domain)
         else:
             self.federation.send_ephemeral(stanza, to)
-
-
-def _parse(text: str | None) -> JID | None:
-    if not text:
-        return None
-    try:
-        return JID.parse(text)
-    except JIDError:
-        return None
 
 
 def _namespace(tag: str) -> str:

@@ -57,13 +57,13 @@ from villaged.federation.queue import DONE_RECORD, QUEUED_RECORD, OutboundQueueV
 from villaged.federation.resolve import Candidate, ResolutionError, resolve
 from villaged.im.mam import pack_payload, unpack_stanza
 from villaged.im.messages import RemoteQueueFullError
-from villaged.net.c2s import TokenBucket
+from villaged.net.c2s import TokenBucket, peer_address
 from villaged.net.s2s_tls import OpenSSLStream, make_s2s_context
 from villaged.ops import monitor as security
 from villaged.storage.errors import ShreddedError, StorageError
 from villaged.storage.records import Record
 from villaged.xmpp import xml
-from villaged.xmpp.jid import JID, JIDError
+from villaged.xmpp.jid import JID
 from villaged.xmpp.stanza import NS_CLIENT, error_reply
 
 if TYPE_CHECKING:
@@ -298,7 +298,7 @@ class Federation:
     # ----- inbound ----------------------------------------------------------------------------
 
     async def _serve_inbound(self, tcp: trio.SocketStream, *, direct_tls: bool) -> None:
-        peer = _peer_ip(tcp)
+        peer = peer_address(tcp)
         from_peer = self._inbound_per_ip.get(peer, 0)
         if (
             self._inbound_streams >= self.settings.max_inbound_streams
@@ -379,7 +379,7 @@ class Federation:
             elif isinstance(event, core.StanzaRejected):
                 # The core's error reply (a malformed 'to', say) goes back the way answers do:
                 # over our own stream to the sender's domain.
-                to = _jid(event.reply.get("to"))
+                to = JID.parse_or_none(event.reply.get("to"))
                 if to is not None:
                     self.send_ephemeral(event.reply, to)
             elif isinstance(event, core.StreamEnded | core.ConnectionLost):
@@ -705,7 +705,7 @@ class Federation:
             stanza = self._unsealed(entry)
             if stanza is None or self.bounce_to_sender is None:
                 continue
-            sender = _jid(stanza.get("from"))
+            sender = JID.parse_or_none(stanza.get("from"))
             if sender is not None and stanza.get("type") != "error":
                 text = f"{domain} could not be reached in {self.settings.queue_deadline} s"
                 await self.bounce_to_sender(error_reply(stanza, condition, text=text), sender)
@@ -765,7 +765,7 @@ class Federation:
                 verify_only=verify_only,
                 entropy=os.urandom,
             )
-            connection = _S2SConnection(self, tcp, stream, _peer_ip(tcp), remote=domain)
+            connection = _S2SConnection(self, tcp, stream, peer_address(tcp), remote=domain)
             ready = False
             try:
                 with trio.fail_after(self.settings.negotiation_timeout):
@@ -946,23 +946,6 @@ def _certificate_problem(
     if not certificate.chain_valid:
         return "untrusted or expired certificate" + (f" ({errors[0]})" if errors else "")
     return f"certificate not valid for {domain}"
-
-
-def _jid(text: str | None) -> JID | None:
-    if not text:
-        return None
-    try:
-        return JID.parse(text)
-    except JIDError:
-        return None
-
-
-def _peer_ip(stream: trio.SocketStream) -> str:
-    try:
-        address = stream.socket.getpeername()
-    except OSError:
-        return "unknown"
-    return str(address[0]) if isinstance(address, tuple) else str(address)
 
 
 def _security(message: str, event: str, **fields: object) -> None:

@@ -275,7 +275,7 @@ class C2SConnection:
         self.tls = tls
         self.direct_tls = direct_tls or framed is not None
         # The client's address: the socket's peer, or what a trusted proxy forwarded.
-        self.peer = peer or _peer_ip(tcp)
+        self.peer = peer or peer_address(tcp)
         self.stream = core.C2SStream(
             ctx.stream_settings(),
             lookup=self._credentials,
@@ -1048,7 +1048,8 @@ def _security(message: str, event: str, conn: C2SConnection) -> None:
     log.warning(message, extra={"event": event, "security": True, "peer": conn.peer})
 
 
-def _peer_ip(stream: trio.SocketStream) -> str:
+def peer_address(stream: trio.SocketStream) -> str:
+    """The IP address a connection comes from (\"unknown\" if the socket cannot say)."""
     try:
         address = stream.socket.getpeername()
     except OSError:

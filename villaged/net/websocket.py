@@ -71,6 +71,7 @@ from villaged.net.c2s import (
     C2SConnection,
     TokenBucket,
     TransportRefusedError,
+    peer_address,
 )
 from villaged.ops import monitor
 
@@ -746,7 +747,7 @@ class WebSocketConnection:
         self.settings = settings
         self.tcp = tcp
         self.tls = tls
-        self.peer = _peer_ip(tcp)
+        self.peer = peer_address(tcp)
         self._holds_slot = False
         # A trusted reverse proxy carries many clients: its connections are not counted or
         # blocked by its own address, but by the client's that it forwards (at the upgrade).
@@ -989,11 +990,3 @@ async def _read_request(
             return request
         elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return None
-
-
-def _peer_ip(stream: trio.SocketStream) -> str:
-    try:
-        address = stream.socket.getpeername()
-    except OSError:
-        return "unknown"
-    return str(address[0]) if isinstance(address, tuple) else str(address)

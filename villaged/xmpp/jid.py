@@ -46,6 +46,16 @@ class JID:
         return cls._parse(text)
 
     @classmethod
+    def parse_or_none(cls, text: str | None) -> JID | None:
+        """`parse`, or None for a missing or invalid JID (an attribute a peer may leave out)."""
+        if not text:
+            return None
+        try:
+            return cls.parse(text)
+        except JIDError:
+            return None
+
+    @classmethod
     def _parse(cls, text: str) -> JID:
         try:
             text.encode()
