@@ -9,6 +9,7 @@ certificate for new connections.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import signal
@@ -51,12 +52,16 @@ from villaged.xmpp.jid import JID
 
 if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from villaged.admin.server import AdminContext
     from villaged.config.model import Config
 
 log = logging.getLogger("villaged.app")
+
+#: What the node answers: SIGHUP reloads, SIGTERM and SIGINT stop it gracefully.
+SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass
@@ -124,6 +129,20 @@ async def run_node(
     handle_signals: bool = True,
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    # Signals are caught from the start: a SIGTERM that arrives while the node starts (say,
+    # just after READY=1, before the loop below reads signals) waits here for a graceful stop
+    # instead of killing the process with Python's default handler.
+    with (
+        trio.open_signal_receiver(*SIGNALS) if handle_signals else contextlib.nullcontext()
+    ) as signals:
+        await _run(config, signals, task_status)
+
+
+async def _run(
+    config: Config,
+    signals: AsyncIterator[int] | None,
+    task_status: trio.TaskStatus[Node],
+) -> None:
     tls = build_tls(config)
     views = FeatureViews()
     options = StoreOptions.from_config(config.storage)
@@ -152,9 +171,10 @@ async def run_node(
                         },
                     )
                     task_status.started(node)
-                    if not handle_signals:
+                    if signals is None:
                         await trio.sleep_forever()
-                    await _serve_signals(node)
+                    else:
+                        await _serve_signals(node, signals)
                     await _shut_down(node)
                     serving.cancel_scope.cancel()
             finally:
@@ -380,17 +400,14 @@ async def _shut_down(node: Node) -> None:
         await node.sessions.wait_empty()
 
 
-async def _serve_signals(node: Node) -> None:
+async def _serve_signals(node: Node, signals: AsyncIterator[int]) -> None:
     """Handle SIGHUP (reload certificates for new connections) until SIGTERM or SIGINT."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                _reload(node)
-                continue
-            log.info(
-                "signal", extra={"event": "node.signal", "signal": signal.Signals(signum).name}
-            )
-            return
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            _reload(node)
+            continue
+        log.info("signal", extra={"event": "node.signal", "signal": signal.Signals(signum).name})
+        return
 
 
 def _reload(node: Node) -> None:
