@@ -278,3 +278,32 @@ def test_cli_checks_owners_against_a_named_user(
     with pytest.raises(SystemExit):
         main(["check", "-c", str(result.config), "--user", "no-such-user-here"])
     assert "no such user" in capsys.readouterr().err
+
+
+def test_federation_trust_store_listeners_and_peers(config: Config, tmp_path: Path) -> None:
+    from villaged.config import PeerConfig
+
+    def check(**changes: object) -> list[tuple[str, str]]:
+        federation = replace(config.federation, enabled=True, **changes)
+        found = problems(audit_host(replace(config, federation=federation), now=NOW))
+        return [(f.severity, f.subject) for f in found]
+
+    assert check() == []  # the dev node binds s2s; the system trust store
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(config.tls.cert.read_bytes())
+    assert check(ca_file=bundle) == []
+    bundle.write_text("not a certificate")
+    assert check(ca_file=bundle) == [("error", "federation.ca_file")]
+    assert check(ca_file=tmp_path / "absent.pem") == [("error", "federation.ca_file")]
+    open_peer = PeerConfig("test.example", "127.0.0.1", require_tls=False)
+    assert check(peers=(open_peer,)) == [("warning", "federation.peers[test.example]")]
+    listeners = replace(
+        config.listeners,
+        s2s=replace(config.listeners.s2s, bind=()),
+        s2s_tls=replace(config.listeners.s2s_tls, bind=()),
+    )
+    federation = replace(config.federation, enabled=True)
+    found = problems(
+        audit_host(replace(config, federation=federation, listeners=listeners), now=NOW)
+    )
+    assert [(f.severity, f.subject) for f in found] == [("warning", "listeners.s2s")]

@@ -89,6 +89,7 @@ def audit_host(config: Config, *, now: dt.datetime, uid: int | None = None) -> l
     findings += _listeners(config)
     findings += _admin(config)
     findings += _alert_command(config)
+    findings += _federation(config)
     return findings
 
 
@@ -374,3 +375,58 @@ def _alert_command(config: Config) -> list[Finding]:
     if mode & stat.S_IWOTH:
         return [Finding("error", key, f"{program} has mode {mode:04o}: anyone may rewrite it")]
     return [Finding("ok", key, f"{program}, mode {mode:04o}")]
+
+
+def _federation(config: Config) -> list[Finding]:
+    """With federation on: the s2s listeners, the trust store for peers' certificates (a CA
+    bundle that loads), and the policy that decides peers without a verifiable certificate."""
+    federation = config.federation
+    if not federation.enabled:
+        return [Finding("ok", "federation.enabled", "off (other domains are refused)")]
+    findings: list[Finding] = []
+    if not (config.listeners.s2s.enabled or config.listeners.s2s_tls.enabled):
+        findings.append(
+            Finding(
+                "warning",
+                "listeners.s2s",
+                "federation is on but no s2s listener is bound: other servers cannot reach us",
+            )
+        )
+    if federation.ca_file is None:
+        findings.append(Finding("ok", "federation.ca_file", "the system trust store"))
+    else:
+        try:
+            bundle = federation.ca_file.read_bytes()
+            count = len(x509.load_pem_x509_certificates(bundle))
+        except OSError as exc:
+            findings.append(
+                Finding("error", "federation.ca_file", f"{federation.ca_file}: {exc.strerror}")
+            )
+        except ValueError:
+            findings.append(
+                Finding(
+                    "error", "federation.ca_file", f"{federation.ca_file}: not PEM certificates"
+                )
+            )
+        else:
+            findings.append(
+                Finding("ok", "federation.ca_file", f"{federation.ca_file}: {count} certificates")
+            )
+    if federation.dialback:
+        findings.append(
+            Finding(
+                "ok",
+                "federation.dialback",
+                "peers without a verifiable certificate may prove their domain by dialback (DNS)",
+            )
+        )
+    for peer in federation.peers:
+        if not peer.require_tls:
+            findings.append(
+                Finding(
+                    "warning",
+                    f"federation.peers[{peer.domain}]",
+                    "may be reached without TLS (closed test networks only)",
+                )
+            )
+    return findings
