@@ -283,8 +283,10 @@ def test_cli_checks_owners_against_a_named_user(
 def test_federation_trust_store_listeners_and_peers(config: Config, tmp_path: Path) -> None:
     from villaged.config import PeerConfig
 
-    def check(**changes: object) -> list[tuple[str, str]]:
-        federation = replace(config.federation, enabled=True, **changes)
+    def check(
+        ca_file: Path | None = None, peers: tuple[PeerConfig, ...] = ()
+    ) -> list[tuple[str, str]]:
+        federation = replace(config.federation, enabled=True, ca_file=ca_file, peers=peers)
         found = problems(audit_host(replace(config, federation=federation), now=NOW))
         return [(f.severity, f.subject) for f in found]
 
