@@ -43,7 +43,7 @@ from villaged.net.tls import ALPN_XMPP_CLIENT, ServerTlsSpec, TlsConfigError, Tl
 from villaged.net.websocket import ALPN_HTTP_1_1, WebSocketSettings, serve_websocket
 from villaged.ops.backup import read_backup_status
 from villaged.ops.logging import reopen_log_files
-from villaged.ops.metrics import Metrics
+from villaged.ops.metrics import BackupWatch, Metrics
 from villaged.ops.monitor import MonitorService
 from villaged.ops.sdnotify import notify
 from villaged.storage.errors import StorageError
@@ -278,7 +278,8 @@ def _node_metrics(store: Store, sessions: SessionRegistry, backups: Path | None)
     metrics = Metrics()
     metrics.watch(sessions=sessions.__len__, log_last_index=lambda: store.log.last_index)
     if backups is not None:
-        metrics.watch_backups(partial(read_backup_status, backups), time.time)
+        metrics.backup_watch = BackupWatch(partial(read_backup_status, backups))
+        metrics.watch_backups(metrics.backup_watch, time.time)
     store.log.on_batch_written = metrics.observe_batch
     return metrics
 
@@ -310,6 +311,8 @@ async def _open_operator_access(node: Node, views: FeatureViews) -> AdminContext
 async def _start_listeners(node: Node, nursery: trio.Nursery) -> None:
     config = node.config
     await nursery.start(node.monitor.run)  # the alert command's runner
+    if node.status.metrics.backup_watch is not None:
+        await nursery.start(node.status.metrics.backup_watch.run)
     if node.admin is not None:
         try:
             await nursery.start(serve_operator_access, node.admin, config)

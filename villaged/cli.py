@@ -199,7 +199,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             )
             verb = "ok"
             try:
-                backup.record_verified(checked)
+                if checked.public_key_checked:  # only a trusted signature counts as verified
+                    backup.record_verified(checked)
             except OSError as exc:  # the backup is fine; the node's metric will show it stale
                 print(
                     f"villaged: warning: cannot note the verification beside the backup: {exc}",

@@ -87,3 +87,20 @@ async def test_real_socket_on_loopback() -> None:
             data = await _read_until_closed(stream)
         nursery.cancel_scope.cancel()
     assert data.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_failing_page_is_a_500_not_a_crash() -> None:
+    def broken(method: str, path: str) -> Response:
+        raise ValueError("a metric that cannot be read")
+
+    client, server = trio.testing.memory_stream_pair()
+
+    async def serve() -> None:
+        async with server:
+            await serve_http_connection(server, broken)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await client.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await _read_until_closed(client)
+    assert data.startswith(b"HTTP/1.1 500 ")

@@ -295,6 +295,7 @@ def test_the_backup_status_ignores_a_damaged_or_stale_note(tmp_path: Path) -> No
     assert backup.read_backup_status(tmp_path / "absent") == backup.BackupStatus(None, None, 0)
     kept = tmp_path / "villaged-backup-20261129T101500000000Z"
     kept.mkdir()
+    (tmp_path / "villaged-backup-20261399T000000000000Z").mkdir()  # no such day: not a backup
     status = tmp_path / backup.VERIFIED_STATUS
     status.write_text("{not json")
     read = backup.read_backup_status(tmp_path)
@@ -392,13 +393,20 @@ def test_the_keyset_wrapped_for_a_recovery_key_restores_a_new_host(
     assert manifest["keyset"]["wrapped"] is True
     assert "keyset.wrapped" in [f["path"] for f in manifest["files"]]  # signed like the rest
 
-    # The host is lost with its keyset: a new one restores from the backup and the recovery key.
+    # The host is lost with its keyset: a new one restores from the backup, the recovery key and
+    # the backup signing key the operators kept off the host.
+    signer = tmp_path / "offline" / "backup-signing.pub"
+    shutil.copy(config.storage.keyset.parent / backup.PUBLIC_KEY, signer)
     new = load_config(write_node_config(tmp_path / "new"))
     shutil.rmtree(new.storage.dir, ignore_errors=True)
     new.storage.keyset.unlink()
-    assert main(["backup", "verify", str(made.directory), "--recovery-key", str(recovery)]) == 0
+    keys = ["--recovery-key", str(recovery), "--public-key", str(signer)]
+    assert main(["backup", "verify", str(made.directory), *keys]) == 0
+    with pytest.raises(SystemExit):  # without a trusted signing key: refused
+        main(["backup", "verify", str(made.directory), "--recovery-key", str(recovery)])
+    assert "needs --public-key" in capsys.readouterr().err
     restore = ["backup", "restore", str(made.directory), "-c", str(new.source)]
-    assert main([*restore, "--recovery-key", str(recovery)]) == 0
+    assert main([*restore, *keys]) == 0
     assert new.storage.keyset.read_bytes() == keyset_bytes
     assert stat.S_IMODE(new.storage.keyset.stat().st_mode) == 0o600
 
@@ -434,3 +442,39 @@ def test_a_wrong_recovery_key_or_a_damaged_wrapping_is_named(tmp_path: Path) -> 
         backupkeys.unwrap_keyset(tmp_path / "absent", right, "example.org")
     with pytest.raises(backupkeys.RecoveryKeyError, match="not a PEM public key"):
         backupkeys.wrap_keyset(b"", right, "example.org")  # a private key where a public one goes
+
+
+def test_a_planted_backup_cannot_install_its_keyset(tmp_path: Path) -> None:
+    """Someone who can write the backup directory makes a backup of their own node (same
+    domain, their keyset wrapped to our public recovery key, signed by their own key): a
+    restore with our trusted signing key refuses it, and installs no keyset."""
+    from villaged.ops import backupkeys
+
+    recovery = tmp_path / "recovery.key"
+    public = backupkeys.generate_recovery_key(recovery)
+    ours = load_config(
+        write_node_config(tmp_path / "ours", f'[backup]\nkeyset_recipient = "{public}"')
+    )
+    trio.run(add_users, ours)
+    backup.create_backup(ours, tmp_path / "ours-backups")
+    trusted = tmp_path / "trusted.pub"
+    shutil.copy(ours.storage.keyset.parent / backup.PUBLIC_KEY, trusted)
+
+    theirs = load_config(
+        write_node_config(tmp_path / "theirs", f'[backup]\nkeyset_recipient = "{public}"')
+    )
+    trio.run(add_users, theirs)
+    planted = backup.create_backup(theirs, tmp_path / "planted")
+    new = load_config(write_node_config(tmp_path / "new"))
+    shutil.rmtree(new.storage.dir, ignore_errors=True)
+    new.storage.keyset.unlink()
+    with pytest.raises(backup.BackupError, match="signature does not verify"):
+        backup.restore_backup(planted.directory, new, public_key=trusted, recovery_key=recovery)
+    assert not new.storage.keyset.exists()
+
+    # A wrapped keyset swapped into a genuine backup is not the file the manifest lists.
+    genuine = backup.find_backup(tmp_path / "ours-backups")
+    shutil.copy(planted.directory / "keyset.wrapped", genuine / "keyset.wrapped")
+    with pytest.raises(backup.BackupError, match="not the file the signed manifest lists"):
+        backup.restore_backup(genuine, new, public_key=trusted, recovery_key=recovery)
+    assert not new.storage.keyset.exists()

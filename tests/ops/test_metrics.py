@@ -163,11 +163,12 @@ async def test_backup_age_and_verification_are_reported(
     import math
 
     from villaged.cli import main
-    from villaged.ops import metrics as metrics_module
 
-    monkeypatch.setattr(metrics_module, "BACKUP_STATUS_TTL_S", 0.0)  # read at every scrape
     backups = tmp_path / "backups"
     node = await start_node(nursery, tmp_path, extra_toml=f'[backup]\ndir = "{backups}"')
+    watch = node.node.status.metrics.backup_watch
+    assert watch is not None
+    await watch.refresh()  # (it also runs every 30 s on its own)
     samples = await scrape(node)
     assert value(samples, "villaged_backup_age_seconds") == math.inf  # none yet: alert
     assert math.isnan(value(samples, "villaged_backup_last_verified_timestamp_seconds"))
@@ -175,6 +176,7 @@ async def test_backup_age_and_verification_are_reported(
 
     config = str(node.config.source)
     assert await trio.to_thread.run_sync(main, ["backup", "create", "-c", config]) == 0
+    await watch.refresh()
     samples = await scrape(node)
     assert value(samples, "villaged_backups") == 1
     assert 0 <= value(samples, "villaged_backup_age_seconds") < 60
@@ -182,6 +184,7 @@ async def test_backup_age_and_verification_are_reported(
 
     verify = ["backup", "verify", str(backups), "-c", config]
     assert await trio.to_thread.run_sync(main, verify) == 0
+    await watch.refresh()
     samples = await scrape(node)
     verified = value(samples, "villaged_backup_last_verified_timestamp_seconds")
     created = value(samples, "villaged_backup_last_created_timestamp_seconds")

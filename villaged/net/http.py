@@ -44,7 +44,14 @@ async def serve_http_connection(stream: trio.abc.Stream, route: Router) -> None:
         if request is None:
             return
         method, target = request.method.decode("ascii", "replace"), request.target.decode()
-        response = route(method, target.split("?", 1)[0])
+        try:
+            response = route(method, target.split("?", 1)[0])
+        except Exception:
+            # A bug behind one page (a metric that cannot be read) is a 500 for that request,
+            # never the end of the listener or of the node.
+            log.exception("request failed", extra={"event": "http.request_failed", "path": target})
+            await _respond(stream, conn, (500, "text/plain", b"internal error\n"), False)
+            return
         await _respond(stream, conn, response, keep_alive=True)
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return

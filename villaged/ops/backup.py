@@ -83,6 +83,7 @@ target directory beyond the newest N; only directories named like ours are touch
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -102,6 +103,7 @@ from villaged.im.features import FeatureViews
 from villaged.ops.backupkeys import WRAPPED_KEYSET, RecoveryKeyError, unwrap_keyset, wrap_keyset
 from villaged.ops.tlsfiles import write_file_atomic, write_private_file
 from villaged.storage.crypto import Keyset
+from villaged.storage.errors import KeyManagementError
 from villaged.storage.segment import (
     assess_damage,
     parse_segment_file_name,
@@ -112,7 +114,7 @@ from villaged.storage.store import Store, StoreOptions
 from villaged.storage.verify import verify_store
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from villaged.config import Config
 
@@ -455,7 +457,10 @@ def list_backups(directory: Path) -> list[Path]:
     return sorted(
         p
         for p in directory.iterdir()
-        if _BACKUP_NAME.fullmatch(p.name) and not p.is_symlink() and p.is_dir()
+        if _BACKUP_NAME.fullmatch(p.name)
+        and _backup_time_or_none(p) is not None  # (20261399T…: the right shape, no time)
+        and not p.is_symlink()
+        and p.is_dir()
     )
 
 
@@ -463,6 +468,13 @@ def backup_time(backup: Path) -> datetime:
     """When a backup was taken, by its name."""
     stamp = backup.name.removeprefix(PREFIX)
     return datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
+
+
+def _backup_time_or_none(backup: Path) -> datetime | None:
+    try:
+        return backup_time(backup)
+    except ValueError:  # a name of the right shape that is no time (20261399T…): not ours
+        return None
 
 
 def record_verified(result: VerifyResult, now: datetime | None = None) -> Path:
@@ -518,19 +530,54 @@ def verify_backup(
     if recovery_key is None:
         return _verify(directory, public_key, keyset)
     backup = find_backup(directory)
-    scratch_parent = backup.parent if os.access(backup.parent, os.W_OK | os.X_OK) else None
-    with tempfile.TemporaryDirectory(prefix=".villaged-keyset-", dir=scratch_parent) as scratch:
-        unwrapped = Path(scratch) / "keyset.json"
-        write_private_file(unwrapped, unwrap_backup_keyset(backup, recovery_key))
+    with _unwrapped_keyset(backup, recovery_key, public_key) as unwrapped:
         return _verify(backup, public_key, unwrapped)
 
 
-def unwrap_backup_keyset(backup: Path, recovery_key: Path) -> bytes:
-    """The keyset a backup carries, opened with the recovery key (the manifest is checked
-    first, so the domain bound into the wrapping is the signed one)."""
-    manifest = _checked_manifest(backup, None)
+@contextlib.contextmanager
+def _unwrapped_keyset(backup: Path, recovery_key: Path, public_key: Path | None) -> Iterator[Path]:
+    """The keyset a backup carries, opened with the recovery key, as a 0600 file in a private
+    temporary directory (never beside the backups, which must not be able to read it),
+    removed afterwards."""
+    keyset_bytes = unwrap_backup_keyset(backup, recovery_key, public_key)
+    wanted = set(_checked_manifest(backup, public_key)["keyset"]["key_ids"])
+    with tempfile.TemporaryDirectory(prefix="villaged-keyset-") as scratch:
+        unwrapped = Path(scratch) / "keyset.json"
+        write_private_file(unwrapped, keyset_bytes)
+        try:
+            held = set(Keyset.load(unwrapped).key_ids)
+        except (OSError, ValueError, KeyManagementError) as exc:
+            raise BackupError(f"{backup / WRAPPED_KEYSET}: not a keyset ({exc})") from None
+        if not wanted <= held:
+            raise BackupError(
+                f"{backup / WRAPPED_KEYSET}: holds key ids {sorted(held)}, the manifest names "
+                f"{sorted(wanted)}"
+            )
+        yield unwrapped
+
+
+def unwrap_backup_keyset(backup: Path, recovery_key: Path, public_key: Path | None) -> bytes:
+    """The keyset a backup carries, opened with the recovery key.
+
+    Only a backup signed by a key the operator trusts may hand over a keyset: anyone who can
+    write the backup directory could otherwise plant a backup of their own, with their own
+    keyset wrapped to the (public) recovery key. So ``public_key`` — the backup signing key
+    kept off the host — is required; the wrapped file must be the one the signed manifest
+    lists, and the keyset must hold the key ids the manifest names."""
+    if public_key is None:
+        raise BackupError(
+            f"{backup}: opening the keyset with a recovery key needs --public-key (the backup "
+            "signing key kept off the host), so that a planted backup cannot install its keyset"
+        )
+    manifest = _checked_manifest(backup, public_key)
+    wrapped = backup / WRAPPED_KEYSET
+    listed = {entry["path"]: entry for entry in manifest["files"]}.get(WRAPPED_KEYSET)
+    if listed is None:
+        raise BackupError(f"{wrapped}: the manifest lists no wrapped keyset")
+    if not wrapped.is_file() or _sha256_file(wrapped) != listed["sha256"]:
+        raise BackupError(f"{wrapped}: missing or not the file the signed manifest lists")
     try:
-        return unwrap_keyset(backup / WRAPPED_KEYSET, recovery_key, str(manifest["domain"]))
+        return unwrap_keyset(wrapped, recovery_key, str(manifest["domain"]))
     except RecoveryKeyError as exc:
         raise BackupError(str(exc)) from None
 
@@ -635,9 +682,13 @@ def restore_backup(
     the backup is opened and written there first (0600)."""
     keyset = config.storage.keyset
     if recovery_key is not None and not keyset.exists():
-        unwrapped = unwrap_backup_keyset(find_backup(directory), recovery_key)
-        keyset.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_private_file(keyset, unwrapped)
+        # A new host: the backup's keyset is verified with the whole backup first, and only
+        # then installed (atomically, 0600) where the config expects it.
+        backup = find_backup(directory)
+        with _unwrapped_keyset(backup, recovery_key, public_key) as unwrapped:
+            _verify(backup, public_key, unwrapped)
+            keyset.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private_file(keyset, unwrapped.read_bytes())
     result = verify_backup(directory, public_key=public_key, keyset=keyset)
     destination = config.storage.dir
     if destination.exists() and any(destination.iterdir()):

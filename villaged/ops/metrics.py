@@ -13,9 +13,9 @@ keeps (sessions, the log's last index) are read when scraped rather than updated
 from __future__ import annotations
 
 import platform
-import time
-from typing import TYPE_CHECKING, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Final
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import generate_latest
 
@@ -26,12 +26,11 @@ if TYPE_CHECKING:
 
     from villaged.ops.backup import BackupStatus
 
-T = TypeVar("T")
 
 TRANSPORTS: Final = ("c2s", "c2s_tls", "websocket")
 STANZA_KINDS: Final = ("message", "presence", "iq")
 AUDIT_RESULTS: Final = ("success", "failure")
-#: How long a reading of the backup directory is reused (a scrape must not list it each time).
+#: How often the backup directory is read for the backup metrics.
 BACKUP_STATUS_TTL_S: Final = 30.0
 
 #: Seconds. A healthy fdatasync takes a fraction of a millisecond (NVMe) to tens of
@@ -59,6 +58,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        #: Set when the node watches a backup directory (app.py runs it).
+        self.backup_watch: BackupWatch | None = None
         registry = self.registry
         connections = Gauge(
             "villaged_connections",
@@ -115,25 +116,25 @@ class Metrics:
         self._sessions.set_function(sessions)
         self._log_last_index.set_function(log_last_index)
 
-    def watch_backups(
-        self, status: Callable[[], BackupStatus], wall_clock: Callable[[], float]
-    ) -> None:
-        """Report the backups beside this node (``[backup] dir``): ``status`` is read at most
-        every `BACKUP_STATUS_TTL_S` seconds, however often Prometheus scrapes."""
-        cached = _Cached(status, BACKUP_STATUS_TTL_S)
+    def watch_backups(self, watch: BackupWatch, wall_clock: Callable[[], float]) -> None:
+        """Report the backups beside this node (``[backup] dir``) as ``watch`` last read them
+        (off the event loop; a scrape never touches the directory)."""
         nan = float("nan")
 
         def created() -> float:
-            value = cached.get().newest_created
+            value = watch.status.newest_created if watch.status else None
             return nan if value is None else value
 
         def verified() -> float:
-            value = cached.get().newest_verified
+            value = watch.status.newest_verified if watch.status else None
             return nan if value is None else value
 
         def age() -> float:
-            value = cached.get().newest_created
+            value = watch.status.newest_created if watch.status else None
             return float("inf") if value is None else max(0.0, wall_clock() - value)
+
+        def count() -> float:
+            return float(watch.status.count) if watch.status else nan
 
         gauges = (
             (
@@ -151,11 +152,7 @@ class Metrics:
                 "Seconds since the newest backup was taken (+Inf: there is none).",
                 age,
             ),
-            (
-                "villaged_backups",
-                "Backups kept in the backup directory.",
-                lambda: float(cached.get().count),
-            ),
+            ("villaged_backups", "Backups kept in the backup directory.", count),
         )
         for name, documentation, function in gauges:
             Gauge(name, documentation, registry=self.registry).set_function(function)
@@ -185,18 +182,21 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _Cached(Generic[T]):
-    """A value read again only when older than ``ttl`` seconds."""
+class BackupWatch:
+    """The backup directory's status, read in a worker thread every `BACKUP_STATUS_TTL_S`
+    seconds (a hung network mount delays only this reading, never a client or a scrape)."""
 
-    def __init__(self, read: Callable[[], T], ttl: float) -> None:
+    def __init__(self, read: Callable[[], BackupStatus]) -> None:
         self._read = read
-        self._ttl = ttl
-        self._value: T | None = None
-        self._at = float("-inf")
+        #: The last reading (None until the first one finishes).
+        self.status: BackupStatus | None = None
 
-    def get(self) -> T:
-        now = time.monotonic()
-        if self._value is None or now - self._at >= self._ttl:
-            self._value = self._read()
-            self._at = now
-        return self._value
+    async def refresh(self) -> None:
+        with trio.move_on_after(BACKUP_STATUS_TTL_S):
+            self.status = await trio.to_thread.run_sync(self._read, abandon_on_cancel=True)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self.refresh()
+            await trio.sleep(BACKUP_STATUS_TTL_S)
