@@ -16,13 +16,29 @@ CORE_PACKAGES = ("xmpp",)
 CORE_MODULES = ("admin/protocol.py", "cluster/raft.py", "cluster/wire.py", "federation/stream.py")
 
 FORBIDDEN = frozenset(
-    {"trio", "anyio", "asyncio", "socket", "ssl", "selectors", "time", "random", "secrets"}
+    {
+        "trio",
+        "anyio",
+        "asyncio",
+        "socket",
+        "ssl",
+        "selectors",
+        "select",
+        "time",
+        "datetime",
+        "random",
+        "secrets",
+        "uuid",
+        "os",
+        "threading",
+        "subprocess",
+    }
 )
 
 
 def core_files() -> list[Path]:
-    files = [p for package in CORE_PACKAGES for p in sorted((PACKAGE / package).glob("*.py"))]
-    files += [PACKAGE / m for m in CORE_MODULES if (PACKAGE / m).exists()]
+    files = [p for package in CORE_PACKAGES for p in sorted((PACKAGE / package).rglob("*.py"))]
+    files += [PACKAGE / m for m in CORE_MODULES]
     return files
 
 
@@ -31,7 +47,9 @@ def imported_roots(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            roots.add(".relative")  # cores import the project absolutely: checkable
+        elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
     return roots
 

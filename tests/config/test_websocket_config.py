@@ -133,6 +133,7 @@ def test_an_empty_origin_list_is_kept_empty(tmp_path: Path) -> None:
             ' got "10.0.0.1/8" (not an IP address or network (10.0.0.1/8 has host bits set))',
         ),
         ('trusted_proxies = ["proxy.local"]', "websocket.trusted_proxies[0]: expected an IP"),
+        ('trusted_proxies = ["::/0"]', "(that is every address"),
         ("pings = 1", 'unknown key "websocket.pings" (known: path, allowed_origins, public_url'),
     ],
 )

@@ -967,8 +967,12 @@ async def test_behind_a_trusted_proxy_clients_are_counted_and_blocked_by_their_o
     async with h.xmpp("carol", forwarded_for="not-an-address, 198.51.100.10"):
         # Behind an entry that is no address nothing is believed: the proxy's own stands.
         assert h.node.c2s.connections_per_ip == {"198.51.100.10": 1}
-    async with h.xmpp("carol", forwarded_for="198.51.100.11, junk"):
-        assert h.node.c2s.connections_per_ip == {"127.0.0.1": 1}
+    for unusable in ("198.51.100.11, junk", None):  # never counted as the proxy's own
+        with pytest.raises(InvalidStatus) as refused:
+            async with h.websocket(forwarded_for=unusable):
+                pass
+        assert refused.value.response.status_code == 400
+    assert "websocket.forwarded_missing" in security_events(caplog)
     nursery.cancel_scope.cancel()
 
 
@@ -981,6 +985,9 @@ async def test_behind_a_trusted_proxy_clients_are_counted_and_blocked_by_their_o
         ([(b"x-forwarded-for", b"192.0.2.1"), (b"x-forwarded-for", b"10.0.0.9")], "192.0.2.1"),
         ([(b"x-forwarded-for", b"10.0.0.8, 10.0.0.9")], "10.0.0.8"),
         ([(b"x-forwarded-for", b"[2001:db8::1]")], "2001:db8::1"),
+        ([(b"x-forwarded-for", b"[2001:db8::1]:5678")], "2001:db8::1"),
+        ([(b"x-forwarded-for", b"198.51.100.1:5678")], "198.51.100.1"),
+        ([(b"x-forwarded-for", b"2001:db8::7")], "2001:db8::7"),
         ([(b"x-forwarded-for", b"::ffff:192.0.2.4")], "192.0.2.4"),
         ([(b"x-forwarded-for", b"192.0.2.1, unknown")], None),
         ([(b"x-forwarded-for", b",".join([b"10.0.0.1"] * 40))], "10.0.0.1"),

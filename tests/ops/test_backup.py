@@ -478,3 +478,30 @@ def test_a_planted_backup_cannot_install_its_keyset(tmp_path: Path) -> None:
     with pytest.raises(backup.BackupError, match="not the file the signed manifest lists"):
         backup.restore_backup(genuine, new, public_key=trusted, recovery_key=recovery)
     assert not new.storage.keyset.exists()
+
+
+def test_keygen_never_replaces_a_public_recovery_key(tmp_path: Path) -> None:
+    from villaged.ops import backupkeys
+
+    private = tmp_path / "recovery.key"
+    public = backupkeys.generate_recovery_key(private)
+    before = public.read_bytes()
+    private.unlink()  # taken offline; the .pub stays where keyset_recipient names it
+    with pytest.raises(backupkeys.RecoveryKeyError, match=r"recovery\.key\.pub already exists"):
+        backupkeys.generate_recovery_key(private)
+    assert public.read_bytes() == before
+    assert not private.exists()
+
+
+def test_stale_scratch_copies_are_pruned(tmp_path: Path) -> None:
+    old = tmp_path / ".villaged-backup-replay-abc"
+    young = tmp_path / ".villaged-backup-replay-def"
+    partial = tmp_path / ".villaged-backup-20261129T101500000000Z.partial"
+    other = tmp_path / ".something-else"
+    for path in (old, young, partial, other):
+        (path / "data").mkdir(parents=True)
+    day_ago = datetime.now(UTC).timestamp() - backup.STALE_SCRATCH_S - 10
+    for path in (old, partial, other):
+        os.utime(path, (day_ago, day_ago))
+    backup.prune_backups(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".something-else", young.name]

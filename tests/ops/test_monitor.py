@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import pytest
@@ -277,8 +278,15 @@ async def test_alerts_are_rate_limited_node_wide_but_blocks_are_not(
         for n in range(5):
             assert len(service.record(monitor.AUTH_FAILURES_PER_IP, f"192.0.2.{n}")) == 1
         assert all(service.is_blocked(f"192.0.2.{n}") for n in range(5))
-        events = [r.__dict__["event"] for r in caplog.records]
-        assert events == ["security.alert"] * 2 + ["security.alerts_suppressed"]
+        rules = [r.__dict__["rule"] for r in caplog.records]
+        assert rules == ["auth_failures_per_ip"] * 2 + ["alerts_suppressed"]  # one summary
+        assert {r.__dict__["event"] for r in caplog.records} == {"security.alert"}
+        # Node-wide rules are not held back: a grant alert still pages.
+        grants = MonitorService(replace(config, grants_per_hour=1))
+        grants._recent_alerts = service._recent_alerts
+        caplog.clear()
+        assert grants.record(monitor.GRANTS, monitor.NODE_WIDE)
+        assert [r.__dict__["rule"] for r in caplog.records] == ["grants"]
         caplog.clear()
         await trio.sleep(60)
         service.record(monitor.AUTH_FAILURES_PER_IP, "192.0.2.99")

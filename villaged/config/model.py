@@ -401,9 +401,12 @@ def parse_network(text: str) -> str:
     """An IP network (``10.0.0.0/8``) or a single address (``127.0.0.1``, a /32 or /128), in
     its canonical spelling (villaged.net.proxy reads it back)."""
     try:
-        return str(ipaddress.ip_network(text, strict=True))
+        network = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
         raise ValueError(f"not an IP address or network ({exc})") from None
+    if network.prefixlen == 0:
+        raise ValueError("that is every address: anyone could then claim any client address")
+    return str(network)
 
 
 @dataclass(frozen=True, slots=True)

@@ -298,7 +298,8 @@ def forwarded_client(
     """The client's address by the ``X-Forwarded-For`` headers of a request that came through
     a trusted proxy: the rightmost entry that is not itself a trusted proxy (entries further
     left were written by the client and prove nothing). None when there is no header, or an
-    entry on the way is not an IP address (then the proxy's own address stands)."""
+    entry on the way is not an IP address: the request is then refused, never counted against
+    the proxy's own address (one attacker would otherwise get the proxy blocked)."""
     entries: list[str] = []
     for name, value in headers:
         if name == b"x-forwarded-for":
@@ -316,8 +317,15 @@ def forwarded_client(
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as proxies write it: ``192.0.2.1``, ``192.0.2.1:5678``, ``2001:db8::1`` or
+    ``[2001:db8::1]:5678`` (the port, which some proxies add, is dropped)."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else text
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
     try:
-        ip = ipaddress.ip_address(text.strip("[]"))
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -793,12 +801,17 @@ class WebSocketConnection:
         """Through a trusted proxy: the client's address (X-Forwarded-For) becomes this
         connection's peer and is admitted like a direct one; None, or the refusal to send."""
         proxy = self.peer
-        self.peer = forwarded_client(request.headers, self.settings) or proxy
-        if self.peer != proxy:
-            log.debug(
-                "client address from a trusted proxy",
-                extra={"event": "websocket.forwarded", "peer": self.peer, "proxy": proxy},
+        client = forwarded_client(request.headers, self.settings)
+        if client is None:
+            self._refused(
+                "no client address from a trusted proxy", "websocket.forwarded_missing", status=400
             )
+            return _plain(400, "no client address in X-Forwarded-For")
+        self.peer = client
+        log.debug(
+            "client address from a trusted proxy",
+            extra={"event": "websocket.forwarded", "peer": self.peer, "proxy": proxy},
+        )
         refusal = self._admit()
         if refusal is None:
             return None

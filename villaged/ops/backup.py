@@ -90,6 +90,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -768,7 +769,30 @@ def prune_backups(target: Path, keep: int, *, protect: Path | None = None) -> tu
             shutil.rmtree(path)
         except OSError as exc:
             raise BackupError(f"{path}: cannot remove an old backup ({exc.strerror})") from None
+    _remove_stale_scratch(target)
     return doomed
+
+
+#: Scratch copies a verify left behind when it was killed are removed after this long.
+STALE_SCRATCH_S: Final = 24 * 3600
+
+
+def _remove_stale_scratch(target: Path, now: float | None = None) -> None:
+    """Replay copies (``.villaged-backup-replay-*``) and cut-short backups (``.*.partial``)
+    older than `STALE_SCRATCH_S`: each is as large as a backup, and only a killed run leaves
+    one (a younger one may belong to a verify running right now)."""
+    limit = (time.time() if now is None else now) - STALE_SCRATCH_S
+    for path in target.iterdir():
+        name = path.name
+        stale_kind = name.startswith(".villaged-backup-replay-") or (
+            name.startswith(f".{PREFIX}") and name.endswith(".partial")
+        )
+        try:
+            if stale_kind and path.is_dir() and not path.is_symlink():
+                if path.lstat().st_mtime < limit:
+                    shutil.rmtree(path)
+        except OSError:
+            continue  # best effort: the next run tries again
 
 
 # ----- the signing key -----------------------------------------------------------------------

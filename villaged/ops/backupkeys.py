@@ -52,8 +52,12 @@ class RecoveryKeyError(Exception):
 def generate_recovery_key(private_path: Path) -> Path:
     """Write a new private key to ``private_path`` (0600, refusing to overwrite) and its
     public key beside it (``.pub``, 0644); the public key's path."""
-    if private_path.exists():
-        raise RecoveryKeyError(f"{private_path} already exists; not overwriting a recovery key")
+    public_path = private_path.with_name(private_path.name + ".pub")
+    for path in (private_path, public_path):
+        # Either one: a backup node may name the .pub in keyset_recipient while its private
+        # half is already offline; replacing it would wrap future keysets to a lost key.
+        if os.path.lexists(path):
+            raise RecoveryKeyError(f"{path} already exists; not overwriting a recovery key")
     key = X25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -63,7 +67,6 @@ def generate_recovery_key(private_path: Path) -> Path:
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    public_path = private_path.with_name(private_path.name + ".pub")
     write_private_file(private_path, private_pem)
     write_file_atomic(public_path, public_pem, 0o644)
     return public_path

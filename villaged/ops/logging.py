@@ -75,7 +75,7 @@ class ReopeningFileHandler(logging.StreamHandler[TextIO]):
 
 
 def _open_log_file(path: Path) -> TextIO:
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     fd = os.open(path, flags, LOG_FILE_MODE)
     # Line buffered: each record reaches the file when it is written, as on stdout.
     return open(fd, "a", encoding="utf-8", buffering=1)
@@ -99,10 +99,10 @@ def configure_logging(
     """JSON lines on ``stream``, or appended to ``file`` (OSError if it cannot be opened)."""
     handler = logging.StreamHandler(stream) if file is None else ReopeningFileHandler(file)
     handler.setFormatter(JsonLinesFormatter(node))
-    for previous in logging.getLogger("villaged").handlers:
-        if isinstance(previous, ReopeningFileHandler):
-            previous.close()
     root = logging.getLogger("villaged")
-    root.handlers[:] = [handler]
+    previous, root.handlers[:] = list(root.handlers), [handler]  # swap first, then close
     root.setLevel(level.upper())
     root.propagate = False
+    for old in previous:
+        if isinstance(old, ReopeningFileHandler):
+            old.close()

@@ -59,6 +59,11 @@ AUDIT_WRITE_FAILURES: Final = "audit_write_failures"
 
 #: The key of node-wide rules (every grant, every TLS failure counts together).
 NODE_WIDE: Final = "node"
+#: The summary alert raised when the node-wide alert rate limit starts holding alerts back.
+ALERTS_SUPPRESSED: Final = "alerts_suppressed"
+#: Rules whose alerts share the rate limit (their keys are addresses and accounts, which an
+#: attacker can make many of); the others always alert.
+RATE_LIMITED_RULES: Final = frozenset({AUTH_FAILURES_PER_IP, AUTH_FAILURES_PER_ACCOUNT})
 
 #: Alerts waiting for the alert command; more are logged and dropped.
 ALERT_QUEUE: Final = 16
@@ -223,7 +228,9 @@ class MonitorService:
             if alert.blocked_until is not None:
                 for listener in self.block_listeners:
                     listener(alert.key)
-            if self._within_rate(now):
+            # Only the rules an attacker can multiply (one key per address or account) share
+            # the rate limit; node-wide rules (grants, TOTP, TLS, the audit log) always page.
+            if alert.rule not in RATE_LIMITED_RULES or self._within_rate(now):
                 self._raise(alert)
         return alerts
 
@@ -238,14 +245,8 @@ class MonitorService:
         if len(recent) == recent.maxlen:
             self._suppressed += 1
             if self._suppressed == 1:
-                log.warning(
-                    "too many security alerts; holding further ones back",
-                    extra={
-                        "event": "security.alerts_suppressed",
-                        "security": True,
-                        "limit_per_minute": recent.maxlen,
-                    },
-                )
+                # Whoever is paged hears of it once: one summary alert, then silence.
+                self._raise(Alert(ALERTS_SUPPRESSED, NODE_WIDE, len(recent), ALERT_RATE_WINDOW))
             return False
         recent.append(now)
         if self._suppressed:
