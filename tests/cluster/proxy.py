@@ -75,25 +75,24 @@ class _Chunk:
     arrived: float
 
 
-@dataclass
+@dataclass(eq=False)  # identity: kept in a set while open
 class _Connection:
     client: trio.SocketStream
+    # Known from before the connect starts, so cut() can close (or reset) it at any moment.
+    server_socket: trio.socket.SocketType
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    server: trio.SocketStream | None = None
 
     def abort(self, *, reset: bool) -> None:
         """Close both sockets now (waking any task blocked on them) and end the connection."""
-        for stream in (self.client, self.server):
-            if stream is None:
-                continue
+        for sock in (self.client.socket, self.server_socket):
             if reset:
                 with contextlib.suppress(OSError):
-                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            stream.socket.close()
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
         self.scope.cancel()
 
 
-def _loopback_target(target: tuple[str, int]) -> tuple[str, int]:
+def _loopback_target(target: tuple[str, int]) -> tuple[socket.AddressFamily, str, int]:
     host, port = target
     try:
         address = ipaddress.ip_address(host)
@@ -103,7 +102,8 @@ def _loopback_target(target: tuple[str, int]) -> tuple[str, int]:
         raise ValueError(f"proxy target {host} is not a loopback address")
     if not 0 < port < 65536:
         raise ValueError(f"proxy target port {port} is out of range")
-    return str(address), port
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    return family, str(address), port
 
 
 def _listen(port: int, backlog: int) -> trio.SocketListener:
@@ -170,8 +170,6 @@ class LinkProxy:
             if self._listener is not None:
                 self._listener.socket.close()
                 self._listener = None
-            for conn in list(self._connections):  # already closed by their tasks; belt and braces
-                conn.abort(reset=False)
 
     # -- fault switches (synchronous: they take effect before the caller's next await) --
 
@@ -228,7 +226,12 @@ class LinkProxy:
             except BaseException:
                 self._slots.release()
                 raise
-            conn = _Connection(client)
+            try:
+                conn = _Connection(client, trio.socket.socket(self._target[0]))
+            except BaseException:
+                client.socket.close()
+                self._slots.release()
+                raise
             self._connections.add(conn)  # before any checkpoint, so cut() always sees it
             self.stats.connections_accepted += 1
             connections.start_soon(self._serve, conn)
@@ -249,12 +252,14 @@ class LinkProxy:
     async def _serve(self, conn: _Connection) -> None:
         try:
             with conn.scope:
+                _, host, port = self._target
                 try:
                     with trio.fail_after(CONNECT_TIMEOUT):
-                        conn.server = await trio.open_tcp_stream(*self._target)
+                        await conn.server_socket.connect((host, port))
                 except (OSError, trio.TooSlowError):
                     self.stats.connect_failures += 1
                     return
+                server = trio.SocketStream(conn.server_socket)
                 forward_send, forward_receive = trio.open_memory_channel[_Chunk](
                     self._buffered_chunks
                 )
@@ -263,8 +268,8 @@ class LinkProxy:
                 )
                 async with trio.open_nursery() as pumps:
                     pumps.start_soon(self._read, conn, "forward", conn.client, forward_send)
-                    pumps.start_soon(self._write, conn, "forward", conn.server, forward_receive)
-                    pumps.start_soon(self._read, conn, "backward", conn.server, backward_send)
+                    pumps.start_soon(self._write, conn, "forward", server, forward_receive)
+                    pumps.start_soon(self._read, conn, "backward", server, backward_send)
                     pumps.start_soon(self._write, conn, "backward", conn.client, backward_receive)
         finally:
             conn.abort(reset=False)
