@@ -13,7 +13,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "villaged"
 
 #: The cores: every module of these packages, and these single modules.
 CORE_PACKAGES = ("xmpp",)
-CORE_MODULES = ("admin/protocol.py", "cluster/raft.py", "cluster/wire.py", "federation/stream.py")
+CORE_MODULES = (
+    "admin/protocol.py",
+    "cluster/raft.py",
+    "cluster/wire.py",
+    "cluster/placement.py",
+    "federation/stream.py",
+)
 
 FORBIDDEN = frozenset(
     {

@@ -788,9 +788,13 @@ def _remove_stale_scratch(target: Path, now: float | None = None) -> None:
             name.startswith(f".{PREFIX}") and name.endswith(".partial")
         )
         try:
-            if stale_kind and path.is_dir() and not path.is_symlink():
-                if path.lstat().st_mtime < limit:
-                    shutil.rmtree(path)
+            if (
+                stale_kind
+                and path.is_dir()
+                and not path.is_symlink()
+                and path.lstat().st_mtime < limit
+            ):
+                shutil.rmtree(path)
         except OSError:
             continue  # best effort: the next run tries again
 
