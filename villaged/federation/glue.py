@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from villaged.federation.service import Federation
     from villaged.im.blocking import Blocking
     from villaged.im.context import ImContext
-    from villaged.im.messages import Messages
+    from villaged.im.messages import Messages, PendingDelivery
     from villaged.im.presence import Presence
     from villaged.im.sessions import SessionRegistry
 
@@ -77,14 +77,20 @@ class InboundRouter:
         self.presence = presence
         self.blocking = blocking
 
-    async def __call__(self, stanza: ET.Element, sender: JID, to: JID) -> None:
+    async def __call__(self, stanza: ET.Element, sender: JID, to: JID) -> PendingDelivery | None:
+        """Route one stanza. A message is only accepted (its record handed to the log): the
+        caller completes the returned delivery, in the order the peer sent them, so that a
+        run of messages shares one fsync. Presence and iq take effect before this returns —
+        the caller completes earlier messages first (an iq can be a confirmation barrier)."""
         what = kind(stanza)
         if what == "message":
-            await self.messages.deliver(stanza, to, sender=remote_session(self.federation, sender))
-        elif what == "presence":
+            session = remote_session(self.federation, sender)
+            return await self.messages.accept_delivery(stanza, to, sender=session)
+        if what == "presence":
             await self.presence.from_remote(stanza, sender, to)
         elif what == "iq":
             await self._iq(stanza, sender, to)
+        return None
 
     async def _iq(self, iq: ET.Element, sender: JID, to: JID) -> None:
         iq_type = iq.get("type")

@@ -56,7 +56,7 @@ from villaged.federation import stream as core
 from villaged.federation.queue import DONE_RECORD, QUEUED_RECORD, OutboundQueueView, QueuedStanza
 from villaged.federation.resolve import Candidate, ResolutionError, resolve
 from villaged.im.mam import pack_payload, unpack_stanza
-from villaged.im.messages import RemoteQueueFullError
+from villaged.im.messages import PendingDelivery, RemoteQueueFullError
 from villaged.net.c2s import TokenBucket, peer_address
 from villaged.net.s2s_tls import OpenSSLStream, make_s2s_context
 from villaged.ops import monitor as security
@@ -88,6 +88,11 @@ CLOSE_TIMEOUT_S: Final = 2.0
 #: Inbound streams from one address at once (a server needs one or two; dialback checks add
 #: a few); the rest wait for their turn by being refused.
 MAX_INBOUND_PER_IP: Final = 16
+#: Messages of one inbound stream accepted and waiting for their records at once (their
+#: records share fsyncs); the reader waits beyond that.
+INBOUND_PIPELINE: Final = 64
+#: After an inbound stream ends, how long its accepted messages have to be completed.
+SETTLE_TIMEOUT_S: Final = 10.0
 RECEIVE_BYTES: Final = 65536
 NS_PING: Final = "urn:xmpp:ping"
 #: Stream errors we end an inbound stream with because the peer broke a rule or failed to
@@ -180,7 +185,9 @@ class Federation:
         self.peers: dict[str, PeerConfig] = {p.domain: p for p in self.settings.peers}
         #: Set by app.py: where authenticated inbound stanzas go, and how a bounce reaches a
         #: local sender.
-        self.inbound: Callable[[ET.Element, JID, JID], Awaitable[None]] | None = None
+        self.inbound: Callable[[ET.Element, JID, JID], Awaitable[PendingDelivery | None]] | None = (
+            None
+        )
         self.bounce_to_sender: Callable[[ET.Element, JID], Awaitable[None]] | None = None
         self._links: dict[str, _DomainLink] = {}
         # Confirmation pings in flight: id -> (domain, set when answered).
@@ -322,7 +329,15 @@ class Federation:
             if negotiation.cancelled_caught:
                 return
             async with trio.open_nursery() as nursery:
-                await self._inbound_events(connection, nursery)
+                pipeline_in, pipeline_out = trio.open_memory_channel[PendingDelivery | trio.Event](
+                    INBOUND_PIPELINE
+                )
+                completed = trio.Event()
+                nursery.start_soon(self._complete_in_order, pipeline_out, completed)
+                async with pipeline_in:
+                    await self._inbound_events(connection, nursery, pipeline_in)
+                with trio.move_on_after(SETTLE_TIMEOUT_S):
+                    await completed.wait()  # what the peer sent before it left is delivered
                 nursery.cancel_scope.cancel()
         finally:
             self._inbound_streams -= 1
@@ -331,7 +346,46 @@ class Federation:
                 self._inbound_per_ip[peer] = left
             await connection.aclose()
 
-    async def _inbound_events(self, connection: _S2SConnection, nursery: trio.Nursery) -> None:
+    async def _complete_in_order(
+        self,
+        pipeline: trio.MemoryReceiveChannel[PendingDelivery | trio.Event],
+        completed: trio.Event,
+    ) -> None:
+        """Complete accepted messages in the order the peer sent them (each waits for its
+        record, which it shares with the others of a run); an Event is a barrier the reader
+        waits on before a stanza that must see everything earlier take effect."""
+        try:
+            async with pipeline:
+                async for item in pipeline:
+                    if isinstance(item, trio.Event):
+                        item.set()
+                        continue
+                    try:
+                        await item.complete()
+                    except StorageError:
+                        raise
+                    except Exception:
+                        log.exception(
+                            "inbound message failed", extra={"event": "s2s.stanza_failed"}
+                        )
+        finally:
+            # Cancelled (the stream is over and settling took too long): give back what the
+            # rest reserved; their records are durable all the same.
+            while True:
+                try:
+                    item = pipeline.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                if not isinstance(item, trio.Event):
+                    item.abandon()
+            completed.set()
+
+    async def _inbound_events(
+        self,
+        connection: _S2SConnection,
+        nursery: trio.Nursery,
+        pipeline: trio.MemorySendChannel[PendingDelivery | trio.Event],
+    ) -> None:
         stream = connection.core
         deadline = trio.current_time() + self.settings.negotiation_timeout
         while True:
@@ -375,7 +429,13 @@ class Federation:
                     },
                 )
             elif isinstance(event, core.StanzaReceived):
-                await self._dispatch_inbound(event.element, event.from_, event.to)
+                if event.element.tag != f"{{{NS_CLIENT}}}message":
+                    barrier = trio.Event()  # everything earlier takes effect first
+                    await pipeline.send(barrier)
+                    await barrier.wait()
+                delivery = await self._dispatch_inbound(event.element, event.from_, event.to)
+                if delivery is not None:
+                    await pipeline.send(delivery)  # waits while INBOUND_PIPELINE are pending
             elif isinstance(event, core.StanzaRejected):
                 # The core's error reply (a malformed 'to', say) goes back the way answers do:
                 # over our own stream to the sender's domain.
@@ -447,17 +507,20 @@ class Federation:
         connection.core.dialback_result(event.originating, valid)
         await connection.flush()
 
-    async def _dispatch_inbound(self, stanza: ET.Element, from_: JID, to: JID) -> None:
-        if self._confirms(stanza, from_):
-            return
-        if self.inbound is None:
-            return
+    async def _dispatch_inbound(
+        self, stanza: ET.Element, from_: JID, to: JID
+    ) -> PendingDelivery | None:
+        """Hand an authenticated stanza to the IM layer; a message comes back accepted but
+        not completed (see `_complete_in_order`)."""
+        if self._confirms(stanza, from_) or self.inbound is None:
+            return None
         try:
-            await self.inbound(stanza, from_, to)
+            return await self.inbound(stanza, from_, to)
         except StorageError:
             raise
         except Exception:
             log.exception("inbound stanza failed", extra={"event": "s2s.stanza_failed"})
+            return None
 
     def _confirms(self, stanza: ET.Element, from_: JID) -> bool:
         """Whether ``stanza`` answers one of our confirmation pings (it usually comes back on
@@ -529,7 +592,9 @@ class Federation:
         try:
             await self._run_link_until_idle(link)
         except* StorageError:
-            raise  # the store has failed: the node stops
+            if trio.current_effective_deadline() != -math.inf:
+                raise  # the store has failed: the node stops
+            # (else the node is stopping and its log writer with it: nothing has failed)
         except* Exception:
             # A bug in one link must not take federation (and the node) down; its queue stays,
             # and the link tries again after the longest backoff (not in a tight loop).
@@ -611,7 +676,9 @@ class Federation:
                     # Our outbound stream carries nothing back unless the peer speaks on it
                     # (bidirectional servers). Taken as inbound only if the remote proved its
                     # domain with its certificate: dialback proved ours, not theirs.
-                    await self._dispatch_inbound(event.element, event.from_, event.to)
+                    delivery = await self._dispatch_inbound(event.element, event.from_, event.to)
+                    if delivery is not None:  # rare here: one at a time is fine
+                        await delivery.complete()
                 elif isinstance(event, core.StreamEnded | core.ConnectionLost):
                     raise trio.BrokenResourceError("the remote server closed the stream")
 

@@ -415,11 +415,19 @@ class Messages:
         """Route ``message`` (its 'from' set) to the local user ``to`` per RFC 6121 §8.5:
         commit what must be durable, then hand it to sessions. True if a session took it or
         it was stored offline. Errors go to ``sender`` when there is one."""
+        return await (await self.accept_delivery(message, to, sender=sender)).complete()
+
+    async def accept_delivery(
+        self, message: ET.Element, to: JID, *, sender: Session | None
+    ) -> PendingDelivery:
+        """The first half of `deliver`: route ``message`` and hand its record to the log
+        without waiting for the disk; the caller completes what this returns, in order (a
+        federation stream pipelines a peer's messages this way, as c2s does a client's)."""
         pending = PendingDelivery(sender)
         from_jid = _from_jid(message, sender)
         if from_jid is None or not self._refused_by_block(pending, message, from_jid, to):
             await self._accept(pending, message, to)
-        return await pending.complete()
+        return pending
 
     async def _accept(self, pending: PendingDelivery, message: ET.Element, to: JID) -> None:
         """Everything of `deliver` up to handing the record to the log; what is left to do
