@@ -209,6 +209,11 @@ async def test_election_and_100_proposals_applied_in_order_everywhere(
         await cluster.propose("g2", b"other")
         await cluster.until(lambda: cluster.converged("g2", 1), TICKS)
 
+        # Every group's writes of a cycle share one fdatasync: one WAL batch per cycle at most.
+        for driver in cluster.network.drivers.values():
+            assert driver._wal is not None
+            assert 0 < driver._wal.log.batches_written <= driver.cycles
+
         # A follower refuses proposals and names the leader.
         follower = next(d for d in cluster.network.drivers.values() if d is not leader)
         with pytest.raises(NotLeaderError) as refused:

@@ -1,8 +1,10 @@
 """The per-node Raft driver: every Raft group this node hosts, run by one trio task set.
 
 This module owns the trio side of :mod:`villaged.cluster.raft`: the replicas (one
-:class:`RaftNode` per hosted group), their storage (:class:`~villaged.cluster.persist.GroupStorage`
-under ``storage_root/<group>/``), the coalesced tick timer, the inbound message buffer, the
+:class:`RaftNode` per hosted group), their storage (one node-wide write-ahead log,
+:class:`~villaged.cluster.wal.NodeWal` under ``storage_root/wal/``, with a
+:class:`~villaged.cluster.wal.WalGroupStorage` view per group), the coalesced tick timer, the
+inbound message buffer, the
 proposals waiting to be applied, and the calls into each group's application. Links to peers
 are not its business: it sends through a :class:`Transport` and is handed inbound messages
 through :meth:`NodeDriver.deliver` (:mod:`villaged.cluster.links` does both over mutual TLS).
@@ -19,29 +21,23 @@ only queues work for it and wakes it:
   of the node) and wait for its result.
 
 Each cycle the loop first feeds everything queued into the nodes -- messages, then the pending
-ticks, then actions -- and then, for every group with ``has_ready()``, takes its Ready and
-carries out the contract of :mod:`villaged.cluster.raft` in a task of its own, concurrently for
-all groups:
+ticks, then actions -- and then takes the Ready of every group with ``has_ready()`` and carries
+out the contract of :mod:`villaged.cluster.raft`:
 
-1. persist it (``GroupStorage.persist``: truncation, snapshot, entries in one batch with one
-   ``fdatasync``, hard state only when it changed);
-2. send its messages -- only now, so no vote or acknowledgement leaves before what it promises
-   is durable;
-3. restore the application from the Ready's snapshot, if any, then apply ``committed`` DATA
+1. persist them all at once (``NodeWal.persist_many``: every group's truncation markers,
+   entries and changed hard state in ONE batch, ONE ``fdatasync`` for the whole cycle; snapshot
+   files before it) -- the batching across groups the design asks for;
+2. send each group's messages -- only now, so no vote or acknowledgement leaves before what it
+   promises is durable;
+3. restore the application from a Ready's snapshot, if any, then apply ``committed`` DATA
    entries in order, waking each proposal whose entry that is (or failing it if another term's
    entry took its index);
 4. ``advance``.
 
 Whatever arrives while a cycle persists waits for the next one, so load batches itself into
-fewer, larger Readies (group commit per group). The loop sleeps only when no group has a Ready.
-
-Still one ``fdatasync`` per group per cycle (plus a hard-state file replacement when the term,
-vote or commit changed): the groups' logs are separate SegmentLogs, so their writes cannot share
-a sync. Batching persistence *across* groups (what the issue asks for) needs a node-wide log
-that holds every group's entries tagged by group, with per-group truncation and snapshots as
-index maps over it -- not built yet. What this design already gives: the groups of one cycle
-sync in parallel (the disk sees them together), a slow group delays only the next cycle, and
-every group's Ready of a cycle is written as one batch.
+fewer, larger Readies (group commit across every group of the node). The loop sleeps only when
+no group has a Ready. Compaction saves a group's snapshot (a file, then a marker record) and
+checkpoints the WAL so that segments no group needs any more are dropped.
 
 A failed write (:class:`~villaged.storage.errors.LogWriteError`) ends :meth:`NodeDriver.run`:
 a replica that cannot persist must stop (fail-stop), and a restart recovers from the disk.
@@ -55,6 +51,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 import re
 from collections import deque
@@ -64,7 +61,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
-from villaged.cluster.persist import GroupStorage
 from villaged.cluster.raft import (
     EntryKind,
     NotLeaderError,
@@ -76,7 +72,10 @@ from villaged.cluster.raft import (
     Ready,
     RemoteProtocolError,
     Role,
+    Snapshot,
 )
+from villaged.cluster.wal import NodeWal, WalGroupStorage
+from villaged.storage.errors import LogWriteError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -208,7 +207,7 @@ class _Group:
     )
 
     def __init__(
-        self, name: str, node: RaftNode, storage: GroupStorage, application: GroupApplication
+        self, name: str, node: RaftNode, storage: WalGroupStorage, application: GroupApplication
     ) -> None:
         self.name = name
         self.node = node
@@ -258,6 +257,7 @@ class NodeDriver:
         self._idle = False
         self._idle_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._wal: NodeWal | None = None
         #: Counters for metrics and tests.
         self.dropped_inbound = 0
         self.rejected_inbound = 0
@@ -274,21 +274,22 @@ class NodeDriver:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for name in sorted(self._bootstrap):
-                    storage = await trio.to_thread.run_sync(
-                        partial(
-                            GroupStorage.open,
-                            self.storage_root / name,
-                            max_entry_bytes=self.config.max_entry_bytes,
-                            segment_bytes=self.config.segment_bytes,
-                        )
+                wal = await trio.to_thread.run_sync(
+                    partial(
+                        NodeWal.open,
+                        self.storage_root / "wal",
+                        max_entry_bytes=self.config.max_entry_bytes,
+                        segment_bytes=self.config.segment_bytes,
                     )
-                    try:
-                        await nursery.start(storage.run)
-                    except BaseException:
-                        storage.close()
-                        raise
-                    self._groups[name] = await self._restore(name, storage)
+                )
+                try:
+                    await nursery.start(wal.run)
+                except BaseException:
+                    wal.close()
+                    raise
+                self._wal = wal
+                for name in sorted(self._bootstrap):
+                    self._groups[name] = await self._restore(name, WalGroupStorage(wal, name))
                 if not self._manual_ticks:
                     nursery.start_soon(self._tick_loop)
                 nursery.start_soon(self._cycle_loop)
@@ -296,11 +297,12 @@ class NodeDriver:
         finally:
             self._state = _State.STOPPED
             self._set_idle(True)
+            if self._wal is not None:
+                self._wal.close()
             for group in self._groups.values():
-                group.storage.close()
                 self._fail_all(group, ProposalLostError("the node's driver stopped"))
 
-    async def _restore(self, name: str, storage: GroupStorage) -> _Group:
+    async def _restore(self, name: str, storage: WalGroupStorage) -> _Group:
         state = await trio.to_thread.run_sync(storage.load)
         node = RaftNode.restore(
             self.config.raft_config(self.node_id, name),
@@ -352,9 +354,15 @@ class NodeDriver:
                 self._wake = trio.Event()
                 continue
             self.cycles += 1
-            async with trio.open_nursery() as nursery:
-                for group, ready in readies:
-                    nursery.start_soon(self._carry_out, group, ready)
+            assert self._wal is not None
+            try:
+                await self._wal.persist_many({group.name: ready for group, ready in readies})
+            except LogWriteError:
+                if trio.current_effective_deadline() != -math.inf:
+                    raise  # fail-stop: a replica that cannot persist must not go on
+                await trio.lowlevel.checkpoint()  # stopping: the cancellation ends the loop
+            for group, ready in readies:
+                self._carry_out(group, ready)
             self._maybe_compact()
             await trio.lowlevel.checkpoint()
 
@@ -387,8 +395,8 @@ class NodeDriver:
                     action.error = exc
                 action.done.set()
 
-    async def _carry_out(self, group: _Group, ready: Ready) -> None:
-        await group.storage.persist(ready)
+    def _carry_out(self, group: _Group, ready: Ready) -> None:
+        """Steps 2-4 of the contract for a Ready already persisted with its cycle."""
         for message in ready.messages:
             self.transport.send(message)
         if ready.snapshot is not None:
@@ -424,11 +432,22 @@ class NodeDriver:
         if node.applied <= node.snapshot.index:
             return node.snapshot.index
         snapshot = node.compact(node.applied, group.application.snapshot())
-        # The core has dropped the entries; the disk follows in the background (the storage
-        # lock orders this before the group's next persist).
+        # The core has dropped the entries; the disk follows in the background (the WAL
+        # ignores a snapshot that a later install has overtaken).
         assert self._nursery is not None
-        self._nursery.start_soon(group.storage.save_snapshot, snapshot)
+        self._nursery.start_soon(self._save_snapshot, group, snapshot)
         return snapshot.index
+
+    async def _save_snapshot(self, group: _Group, snapshot: Snapshot) -> None:
+        try:
+            await group.storage.save_snapshot(snapshot)
+            assert self._wal is not None
+            await self._wal.compact(min_positions=max(1, self.config.snapshot_every))
+        except LogWriteError:
+            if trio.current_effective_deadline() != -math.inf:
+                raise
+            # The driver is stopping and the WAL's writer with it: the snapshot is simply not
+            # saved (the log still holds everything; the next start compacts again).
 
     # --- inputs from outside the loop ---
 
