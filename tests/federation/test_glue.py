@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 import trio
+import trio.testing
 
 from villaged.federation.glue import RemotePresence, remote_session
 from villaged.federation.service import QueueFullError
@@ -101,3 +102,35 @@ async def test_a_remote_session_sends_over_federation() -> None:
     assert sent is reply
     assert str(to) == "pat@b.test/phone"
     await trio.lowlevel.checkpoint()
+
+
+class FakeDelivery:
+    """Stands for a PendingDelivery whose record never becomes durable."""
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
+    async def complete(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.abandon()  # as PendingDelivery.complete does
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
+async def test_deliveries_cut_short_give_back_their_reservations() -> None:
+    from villaged.federation.service import Federation
+
+    send, receive = trio.open_memory_channel[Any](8)
+    completed = trio.Event()
+    deliveries = [FakeDelivery() for _ in range(5)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Federation._complete_in_order, object(), receive, completed)  # type: ignore[arg-type]
+        for delivery in deliveries:
+            await send.send(delivery)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert completed.is_set()
+    assert [d.abandoned for d in deliveries] == [True] * 5

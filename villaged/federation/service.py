@@ -334,8 +334,11 @@ class Federation:
                 )
                 completed = trio.Event()
                 nursery.start_soon(self._complete_in_order, pipeline_out, completed)
-                async with pipeline_in:
-                    await self._inbound_events(connection, nursery, pipeline_in)
+                try:
+                    async with pipeline_in:
+                        await self._inbound_events(connection, nursery, pipeline_in)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                    pass  # the peer went away: what it sent before still takes effect
                 with trio.move_on_after(SETTLE_TIMEOUT_S):
                     await completed.wait()  # what the peer sent before it left is delivered
                 nursery.cancel_scope.cancel()
@@ -355,22 +358,20 @@ class Federation:
         record, which it shares with the others of a run); an Event is a barrier the reader
         waits on before a stanza that must see everything earlier take effect."""
         try:
-            async with pipeline:
-                async for item in pipeline:
-                    if isinstance(item, trio.Event):
-                        item.set()
-                        continue
-                    try:
-                        await item.complete()
-                    except StorageError:
-                        raise
-                    except Exception:
-                        log.exception(
-                            "inbound message failed", extra={"event": "s2s.stanza_failed"}
-                        )
+            async for item in pipeline:
+                if isinstance(item, trio.Event):
+                    item.set()
+                    continue
+                try:
+                    await item.complete()  # (which gives back its reservation if cancelled)
+                except StorageError:
+                    raise
+                except Exception:
+                    log.exception("inbound message failed", extra={"event": "s2s.stanza_failed"})
         finally:
             # Cancelled (the stream is over and settling took too long): give back what the
-            # rest reserved; their records are durable all the same.
+            # rest reserved — before closing the channel, which would discard them — their
+            # records are durable all the same.
             while True:
                 try:
                     item = pipeline.receive_nowait()
@@ -378,6 +379,7 @@ class Federation:
                     break
                 if not isinstance(item, trio.Event):
                     item.abandon()
+            pipeline.close()
             completed.set()
 
     async def _inbound_events(
@@ -429,13 +431,19 @@ class Federation:
                     },
                 )
             elif isinstance(event, core.StanzaReceived):
+                if self._confirms(event.element, event.from_):
+                    continue  # an answer to our own ping waits for nothing of the peer's
                 if event.element.tag != f"{{{NS_CLIENT}}}message":
                     barrier = trio.Event()  # everything earlier takes effect first
                     await pipeline.send(barrier)
                     await barrier.wait()
                 delivery = await self._dispatch_inbound(event.element, event.from_, event.to)
                 if delivery is not None:
-                    await pipeline.send(delivery)  # waits while INBOUND_PIPELINE are pending
+                    try:
+                        await pipeline.send(delivery)  # waits while INBOUND_PIPELINE pending
+                    except BaseException:
+                        delivery.abandon()
+                        raise
             elif isinstance(event, core.StanzaRejected):
                 # The core's error reply (a malformed 'to', say) goes back the way answers do:
                 # over our own stream to the sender's domain.
