@@ -343,6 +343,13 @@ async def test_bad_and_misrouted_messages_are_dropped_and_counted(
         await cluster.quiesce()
         assert driver.rejected_inbound == 3
         assert driver.status()["g1"].last_index == 0
+        # An entry over max_entry_bytes is refused before it reaches the log (written, it
+        # would fail the write and every restart after it); the driver carries on.
+        huge = Entry(1, 1, EntryKind.DATA, b"x" * (config.max_entry_bytes + 1))
+        driver.deliver(AppendEntries("g1", "n2", "n1", 1, 0, 0, (huge,), 0))
+        await cluster.quiesce()
+        assert driver.rejected_inbound == 4
+        assert driver.status()["g1"].last_index == 0
         nursery.cancel_scope.cancel()
     with pytest.raises(RuntimeError, match="not running"):
         await driver.propose("g1", b"x")

@@ -1007,6 +1007,49 @@ def test_malformed_wire_messages_are_remote_errors(wire: dict[str, Any]) -> None
         message_from_wire(wire)
 
 
+def append_wire(entries: list[list[Any]], term: int = 1) -> dict[str, Any]:
+    return {
+        "type": "AppendEntries",
+        "group": G,
+        "sender": "a",
+        "to": "b",
+        "term": term,
+        "prev_index": 0,
+        "prev_term": 0,
+        "commit": 0,
+        "entries": entries,
+    }
+
+
+@pytest.mark.parametrize(
+    ("wire", "why"),
+    [
+        (append_wire([[1, 1, "data", b""]], term=2**63), "2\\*\\*62"),  # would overflow
+        (append_wire([[0, 1, "data", b""]]), "entry index 0"),
+        (append_wire([[1, 1, "config", b"\xff\xfe"]]), "not UTF-8"),
+        (append_wire([[1, 1, "config", b""]]), "without voters"),
+        (append_wire([[1, 1, "config", b"a,,b"]]), "without voters"),
+        (append_wire([[i, 1, "noop", b""] for i in range(1, 5000)]), "more than 4096"),
+    ],
+)
+def test_a_peer_cannot_hand_over_entries_that_would_break_the_log(
+    wire: dict[str, Any], why: str
+) -> None:
+    with pytest.raises(RemoteProtocolError, match=why):
+        message_from_wire(wire)
+
+
+def test_entries_too_large_or_from_the_future_are_refused_before_the_log() -> None:
+    node = RaftNode(RaftConfig("b", G, max_entry_bytes=8), random.Random(1), voters=("a", "b"))
+    big = AppendEntries(G, "a", "b", 1, 0, 0, (Entry(1, 1, EntryKind.DATA, b"x" * 9),), 0)
+    with pytest.raises(RemoteProtocolError, match="larger than 8 bytes"):
+        node.step(big)
+    future = AppendEntries(G, "a", "b", 1, 0, 0, (Entry(1, 2, EntryKind.NOOP),), 0)
+    with pytest.raises(RemoteProtocolError, match="future term"):
+        node.step(future)
+    assert node.last_index == 0
+
+
 def test_the_core_imports_no_io() -> None:
     tree = ast.parse(Path(raft.__file__).read_text())
     imported: set[str] = set()

@@ -70,7 +70,6 @@ from villaged.cluster.raft import (
     RaftNode,
     RandomSource,
     Ready,
-    RemoteProtocolError,
     Role,
     Snapshot,
 )
@@ -199,6 +198,7 @@ class _Group:
     __slots__ = (
         "actions",
         "application",
+        "compact_after",
         "name",
         "node",
         "pending_proposals",
@@ -216,6 +216,7 @@ class _Group:
         self.actions: deque[_Action] = deque()
         self.waiters: dict[int, _Waiter] = {}
         self.pending_proposals = 0
+        self.compact_after = 0  # applied index before which compaction is not tried again
 
 
 class NodeDriver:
@@ -375,7 +376,8 @@ class NodeDriver:
                 continue
             try:
                 group.node.step(message)
-            except RemoteProtocolError as exc:
+            except (RaftError, ValueError) as exc:
+                # One bad message from a peer is dropped, never the end of the driver.
                 self.rejected_inbound += 1
                 logger.warning(
                     "dropped a bad raft message from %s: %s",
@@ -383,7 +385,10 @@ class NodeDriver:
                     exc,
                     extra={"event": "cluster.bad_message", "peer": message.sender},
                 )
-        ticks, self._pending_ticks = self._pending_ticks, 0
+        # At most one tick per cycle, after the messages: ticks that piled up while a cycle
+        # waited for the disk would otherwise run check-quorum twice in one burst and depose a
+        # leader whose followers' answers are right there in the inbox. Timers only slow down.
+        ticks, self._pending_ticks = min(self._pending_ticks, 1), 0
         for group in self._groups.values():
             for _ in range(ticks):
                 group.node.tick()
@@ -424,8 +429,17 @@ class NodeDriver:
             return
         for group in self._groups.values():
             node = group.node
-            if node.applied - node.snapshot.index >= every:
-                self._compact_now(group)
+            if node.applied - node.snapshot.index >= every and node.applied >= group.compact_after:
+                try:
+                    self._compact_now(group)
+                except ValueError as exc:  # the application's state is over max_snapshot_bytes
+                    group.compact_after = node.applied + every  # not again at every cycle
+                    logger.error(
+                        "cannot compact group %s: %s",
+                        group.name,
+                        exc,
+                        extra={"event": "cluster.compaction_failed", "group": group.name},
+                    )
 
     def _compact_now(self, group: _Group) -> int:
         node = group.node

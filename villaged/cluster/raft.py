@@ -901,6 +901,14 @@ class RaftNode:
         for offset, entry in enumerate(entries):
             if entry.index != prev_index + 1 + offset:
                 raise RemoteProtocolError(f"AppendEntries from {message.sender}: not contiguous")
+            if entry.term > message.term:
+                raise RemoteProtocolError(f"AppendEntries from {message.sender}: future term")
+            if len(entry.data) > self.config.max_entry_bytes:
+                # Refused before it touches the log: written, it would fail every restart.
+                raise RemoteProtocolError(
+                    f"AppendEntries from {message.sender}: an entry larger than "
+                    f"{self.config.max_entry_bytes} bytes"
+                )
         if prev_index < self.commit:
             # Everything through our commit index is known to match the leader's log.
             entries = tuple(e for e in entries if e.index > self.commit)
@@ -1159,6 +1167,10 @@ def message_to_wire(message: Message) -> dict[str, Any]:
     return wire
 
 
+#: Entries (or voters) one message may carry; a leader sends far fewer (``max_append_entries``).
+MAX_WIRE_ENTRIES: Final = 4096
+
+
 def message_from_wire(wire: Mapping[str, Any]) -> Message:
     """The inverse of :func:`message_to_wire`; RemoteProtocolError if it does not fit."""
     try:
@@ -1167,14 +1179,15 @@ def message_from_wire(wire: Mapping[str, Any]) -> Message:
         for f in fields(cls):
             value = wire[f.name]
             if f.name == "entries":
-                value = tuple(
-                    Entry(_wire_int(i), _wire_int(t), EntryKind(k), _wire_bytes(d))
-                    for i, t, k, d in value
-                )
+                if len(value) > MAX_WIRE_ENTRIES:
+                    raise ValueError(f"more than {MAX_WIRE_ENTRIES} entries in one message")
+                value = tuple(_wire_entry(i, t, k, d) for i, t, k, d in value)
             elif f.name == "snapshot":
                 index, term, voters, data = value
-                if not all(isinstance(v, str) for v in voters):
-                    raise TypeError("voters must be strings")
+                if not all(isinstance(v, str) and v for v in voters) or not voters:
+                    raise TypeError("voters must be non-empty strings")
+                if len(voters) > MAX_WIRE_ENTRIES:
+                    raise ValueError("too many voters")
                 value = Snapshot(
                     _wire_int(index), _wire_int(term), frozenset(voters), _wire_bytes(data)
                 )
@@ -1191,10 +1204,29 @@ def message_from_wire(wire: Mapping[str, Any]) -> Message:
         raise RemoteProtocolError(f"malformed raft message: {exc!r}") from exc
 
 
+#: Terms and indexes from peers stay below this: they are written as signed 64-bit integers,
+#: and a term at the very top would overflow the next election's increment.
+MAX_WIRE_INT: Final = 2**62
+
+
 def _wire_int(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TypeError(f"expected a non-negative int, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_WIRE_INT:
+        raise TypeError(f"expected an int from 0 to 2**62, got {value!r}")
     return value
+
+
+def _wire_entry(index: object, term: object, kind: object, data: object) -> Entry:
+    entry = Entry(_wire_int(index), _wire_int(term), EntryKind(kind), _wire_bytes(data))
+    if entry.index < 1:
+        raise ValueError("entry index 0")
+    if entry.kind is EntryKind.CONFIG:
+        try:
+            voters = decode_voters(entry.data)
+        except UnicodeDecodeError:
+            raise ValueError("a CONFIG entry that is not UTF-8") from None
+        if not voters or "" in voters:
+            raise ValueError("a CONFIG entry without voters")
+    return entry
 
 
 def _wire_bytes(value: object) -> bytes:
