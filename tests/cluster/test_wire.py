@@ -117,3 +117,13 @@ def test_end_of_input_inside_a_frame(cut: int) -> None:
         decoder.next_frame()
     with pytest.raises(RuntimeError):
         decoder.receive_data(b"more")
+
+
+def test_a_frame_of_countless_tiny_items_is_refused() -> None:
+    import msgpack
+
+    from villaged.cluster.wire import MAX_ARRAY_LEN, MalformedFrameError, parse_payload
+
+    payload = msgpack.packb({"g": "g1", "m": {"entries": [0] * (MAX_ARRAY_LEN + 1)}})
+    with pytest.raises(MalformedFrameError):
+        parse_payload(payload)

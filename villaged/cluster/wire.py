@@ -185,10 +185,24 @@ class FrameDecoder:
         return parse_payload(payload)
 
 
+#: Items of any one msgpack array or map in a frame (entries of an AppendEntries are arrays
+#: of four; voters of a snapshot; the envelope's own fields).
+MAX_ARRAY_LEN: Final = 8192
+MAX_MAP_LEN: Final = 64
+
+
 def parse_payload(payload: bytes) -> Frame:
     """A frame's payload as a :class:`Hello` or an :class:`Envelope`."""
     try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        # Bounded containers: a frame of tiny entries must not become millions of objects
+        # (the raft layer takes at most 4096 entries a message anyway).
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=MAX_MAP_LEN,
+        )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise MalformedFrameError(f"payload is not msgpack: {exc}") from exc
     if not isinstance(obj, dict):
