@@ -45,6 +45,9 @@ from villaged.cluster.raft import (
     Ready,
     Role,
     Snapshot,
+    VoteResponse,
+    message_from_wire,
+    message_to_wire,
 )
 
 if TYPE_CHECKING:
@@ -218,6 +221,9 @@ class Sim:
         self.attempts: set[tuple[str, str, int]] = set()
         self.acked: set[tuple[str, int]] = set()
         self.leaders_by_term: dict[int, str] = {}
+        #: Every vote granted (not pre-votes): (voter, term) -> candidate. A second, different
+        #: candidate in the same term is a double vote (a forgotten or unpersisted vote).
+        self.votes: dict[tuple[str, int], str] = {}
         self.committed: dict[int, tuple[int, EntryKind, bytes]] = {}
         self.trace: list[str] = []
         self.healed = False
@@ -337,6 +343,13 @@ class Sim:
             if not self.persist(node, ready):
                 return
             for message in ready.messages:
+                if isinstance(message, VoteResponse) and message.granted:
+                    key = (message.sender, message.term)
+                    if self.votes.setdefault(key, message.to) != message.to:
+                        raise self.fail(
+                            f"{message.sender} voted for {self.votes[key]} and {message.to} "
+                            f"in term {message.term}"
+                        )
                 self.send(message)
             if ready.snapshot is not None:
                 node.machine = StateMachine.from_bytes(ready.snapshot.data)
@@ -433,6 +446,8 @@ class Sim:
     def send(self, message: Message) -> None:
         if self.blocked[message.sender, message.to] or self.rng.random() < self.loss:
             return
+        # Through the wire form, as over a real link: what a peer receives is what it decodes.
+        message = message_from_wire(message_to_wire(message))
         copies = 2 if self.rng.random() < self.duplicate else 1
         for _ in range(copies):
             if self.rng.random() < self.straggle:
