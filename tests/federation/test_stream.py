@@ -369,7 +369,7 @@ def test_dialback_with_a_wrong_secret_fails() -> None:
     reverse = Pair(frm=B, to=A, out_cert=CERT_B, in_cert=CERT_A)
     reverse.outbound.request_verify(request.stream_id, A, request.key)
     reverse.pump()
-    assert reverse.wire_out.index(b"<verify") < reverse.wire_out.index(b"<auth")
+    assert reverse.wire_out.index(b"<db:verify") < reverse.wire_out.index(b"<auth")
     assert Authenticated(A, "sasl-external") in reverse.out_events
     assert DialbackVerifyAnswered(request.stream_id, A, False) in reverse.out_events
     pair.inbound.dialback_result(A, False)
@@ -957,6 +957,15 @@ def test_a_verify_only_stream_asks_and_never_authenticates_itself(direct_tls: bo
     pair.outbound.request_verify("sid-1", A, key)
     pair.pump()
     assert DialbackVerifyAnswered("sid-1", A, True) in pair.out_events
-    assert b"<result" not in pair.wire_out  # no <db:result/>: no dialback of its own
+    assert b"<db:result" not in pair.wire_out  # no <db:result/>: no dialback of its own
     assert b"<auth" not in pair.wire_out
     assert not any(isinstance(e, Authenticated | DialbackKeyReceived) for e in pair.in_events)
+
+
+def test_dialback_elements_carry_the_db_prefix_the_header_declares() -> None:
+    # ejabberd matches db:result / db:verify literally and ignores them unprefixed.
+    pair = Pair(out_cert=UNTRUSTED_A)
+    pair.pump()
+    assert b"xmlns:db='jabber:server:dialback'" in pair.wire_out
+    assert f"<db:result from='{A}' to='{B}'>".encode() in pair.wire_out
+    assert b"<result" not in pair.wire_out

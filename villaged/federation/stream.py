@@ -160,6 +160,7 @@ STREAM_ID_BYTES: Final = 12
 #: s2s stanzas may be larger than c2s ones (RFC 6120 §13.12 asks for at least 10000 bytes).
 S2S_MAX_STANZA_BYTES: Final = 524_288
 
+_PREFIXES: Final = {NS_DIALBACK: "db"}
 _DB_RESULT: Final = f"{{{NS_DIALBACK}}}result"
 _DB_VERIFY: Final = f"{{{NS_DIALBACK}}}verify"
 _STARTTLS: Final = f"{{{NS_TLS}}}starttls"
@@ -529,7 +530,9 @@ class S2SStream:
     # ----- internals: output, restarts, errors ----------------------------------------------
 
     def _send_element(self, element: ET.Element) -> None:
-        self._out.append(xml.serialize(element, default_ns=NS_SERVER))
+        # Dialback elements as db:result / db:verify: the prefix the header declares, which
+        # ejabberd matches literally (an unprefixed element in that namespace it ignores).
+        self._out.append(xml.serialize(element, default_ns=NS_SERVER, prefixes=_PREFIXES))
 
     def _send_header(self) -> None:
         self._header_sent = True

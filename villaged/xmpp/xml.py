@@ -822,7 +822,11 @@ def _write_attributes(write: Callable[[str], object], attrib: dict[str, str]) ->
 
 
 def _write_element(
-    write: Callable[[str], object], element: Element, parent_ns: str, stream_prefix: bool
+    write: Callable[[str], object],
+    element: Element,
+    parent_ns: str,
+    stream_prefix: bool,
+    prefixes: Mapping[str, str] | None = None,
 ) -> None:
     tag = element.tag
     if tag[:1] == "{":
@@ -836,6 +840,10 @@ def _write_element(
             write(_STREAM_PREFIX_DECLARATION)
             stream_prefix = True
         inner_ns = parent_ns  # a prefixed element leaves the default namespace alone
+    elif prefixes and namespace in prefixes:
+        name = prefixes[namespace] + ":" + local  # declared on the stream header
+        write("<" + name)
+        inner_ns = parent_ns
     else:
         name = local
         write("<" + local)
@@ -850,7 +858,7 @@ def _write_element(
         if text:
             write(_escape_text(text))
         for child in element:
-            _write_element(write, child, inner_ns, stream_prefix)
+            _write_element(write, child, inner_ns, stream_prefix, prefixes)
             tail = child.tail
             if tail:
                 write(_escape_text(tail))
@@ -859,17 +867,24 @@ def _write_element(
         write("/>")
 
 
-def serialize(element: Element, *, default_ns: str | None = "jabber:client") -> bytes:
+def serialize(
+    element: Element,
+    *,
+    default_ns: str | None = "jabber:client",
+    prefixes: Mapping[str, str] | None = None,
+) -> bytes:
     """UTF-8 XML for ``element`` (its own ``tail`` is not written).
 
     ``default_ns`` is the namespace in scope where the element goes: the stream's content
     namespace inside a TCP stream (whose header also declares the ``stream`` prefix), or None
     for a standalone document such as a WebSocket message, where the element declares its own
-    namespace and ``xmlns:stream`` when it needs it. Forbidden characters are removed (see the
-    module docstring).
+    namespace and ``xmlns:stream`` when it needs it. ``prefixes`` maps namespaces the stream
+    header declares to their prefixes (``{"jabber:server:dialback": "db"}``): elements in them
+    are written with the prefix (some servers match ``db:result`` literally). Forbidden
+    characters are removed (see the module docstring).
     """
     parts: list[str] = []
-    _write_element(parts.append, element, default_ns or "", default_ns is not None)
+    _write_element(parts.append, element, default_ns or "", default_ns is not None, prefixes)
     return "".join(parts).encode()
 
 
