@@ -1,7 +1,6 @@
 """villaged federating with a real ejabberd (Debian's 23.01) on loopback: a villaged user and an
 ejabberd user complete a subscription handshake, see each other's presence and chat both ways —
-started from either side, once with certificates (SASL EXTERNAL) and once with dialback (an
-expected failure for now: see DIALBACK_NEEDS_DB_PREFIX)."""
+started from either side, once with certificates (SASL EXTERNAL) and once with dialback."""
 
 from __future__ import annotations
 
@@ -18,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.e2e.xmpp_client import TrioXmppClient, open_xmpp_client
 from tests.federation.ejabberd import LOOPBACK, AuthMode, EjabberdServer, ejabberd_available
+from tests.federation.interop import Inbox, inbound_methods, subscribe_see_and_chat
 from tests.federation.nodes import Route, start_federated_node, write_federated_config
 from tests.federation.pki import PemPair, issue, make_ca, write_pem_pair
-from tests.federation.test_prosody_interop import Inbox
 from tests.federation.test_villaged_federation import client
 from tests.ports import free_port_base
 
@@ -142,55 +141,14 @@ async def test_subscription_presence_and_chat_with_ejabberd(
         ed = await stack.enter_async_context(ejabberd_user(ejabberd, client_ca_file))
         with trio.fail_after(STEP_S):
             await ed.send_presence()
-        await vera.send(b"<presence/>")
 
-        # The subscription handshake, both directions, started by ``initiator``'s user.
-        if initiator == "villaged":
-            await vera.send(f"<presence to='{EJ}' type='subscribe'/>".encode())
-            with trio.fail_after(STEP_S):
-                await ed.wait_presence(lambda p: p.type == "subscribe" and p.from_ == VERA)
-                await ed.send_presence(to=VERA, type_="subscribed")
-                await ed.send_presence(to=VERA, type_="subscribe")
-            await inbox.presence(EJ, "subscribe")
-            await vera.send(f"<presence to='{EJ}' type='subscribed'/>".encode())
-        else:
-            with trio.fail_after(STEP_S):
-                await ed.send_presence(to=VERA, type_="subscribe")
-            await inbox.presence(EJ, "subscribe")
-            await vera.send(f"<presence to='{EJ}' type='subscribed'/>".encode())
-            await vera.send(f"<presence to='{EJ}' type='subscribe'/>".encode())
-            with trio.fail_after(STEP_S):
-                await ed.wait_presence(lambda p: p.type == "subscribe" and p.from_ == VERA)
-                await ed.send_presence(to=VERA, type_="subscribed")
-
-        # Each sees the other available once both subscriptions stand.
-        with trio.fail_after(STEP_S):
-            await ed.wait_presence(lambda p: p.type == "available" and p.from_.startswith(VERA))
-        await inbox.presence(EJ)
-
-        # Chat both ways.
-        await vera.send(f"<message to='{EJ}' type='chat'><body>hi ed</body></message>".encode())
-        with trio.fail_after(STEP_S):
-            message = await ed.wait_message(lambda m: m.body == "hi ed")
-            assert message.from_ == f"{VERA}/r"
-            await ed.send_message(f"{VERA}/r", "hi vera")
-        got = await inbox.tagged("message")
-        assert got.findtext("{jabber:client}body") == "hi vera"
-        assert got.get("from", "").startswith(f"{EJ}/")
-
-        # The roster on villaged's side says "both".
-        await vera.send(b"<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>")
-        roster = await inbox.wait(lambda e: e.get("id") == "r1")
-        items = {i.get("jid"): i.get("subscription") for i in roster.iter("{jabber:iq:roster}item")}
-        assert items == {EJ: "both"}
+        await subscribe_see_and_chat(
+            vera, inbox, VERA, ed, EJ, villaged_starts=initiator == "villaged"
+        )
 
         # Each side authenticated the other the way the mode says: ejabberd logs its streams
         # in both directions, villaged its inbound ones.
-        methods = {
-            r.__dict__["method"]
-            for r in caplog.records
-            if r.__dict__.get("event") == "s2s.inbound_authenticated"
-        }
+        methods = inbound_methods(caplog)
         mechanism = "EXTERNAL" if auth_mode == "certs" else "dialback"
         await ejabberd.wait_logged(accepted("inbound", mechanism))
         await ejabberd.wait_logged(accepted("outbound", mechanism))

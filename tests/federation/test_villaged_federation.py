@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
+from tests.federation.interop import Inbox
 from tests.federation.nodes import (
     FederatedNode,
     Route,
@@ -24,7 +25,6 @@ from villaged.xmpp import xml
 from villaged.xmpp.jid import JID
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from pathlib import Path
 
     from tests.federation.pki import PemPair
@@ -119,32 +119,6 @@ async def test_chat_both_ways_with_certificates(
     await alice.aclose()
     await bob.aclose()
     nursery.cancel_scope.cancel()
-
-
-class Inbox:
-    """Everything a client's stream delivered, kept until a step asks for it."""
-
-    def __init__(self, raw: RawClient) -> None:
-        self.raw = raw
-        self.seen: list[ET.Element] = []
-
-    async def wait(self, predicate: Callable[[ET.Element], bool]) -> ET.Element:
-        with trio.fail_after(20):
-            while True:
-                for element in self.seen:
-                    if predicate(element):
-                        self.seen.remove(element)
-                        return element
-                self.seen.append(await self.raw.element(20))
-
-    async def presence(self, sender: str, ptype: str | None = None) -> ET.Element:
-        return await self.wait(
-            lambda e: (
-                e.tag == f"{CLIENT}presence"
-                and e.get("from", "").split("/")[0] == sender
-                and e.get("type") == ptype
-            )
-        )
 
 
 def last_error(federation: service.Federation, domain: str) -> str:
