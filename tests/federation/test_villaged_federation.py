@@ -385,3 +385,56 @@ async def test_carbons_and_archives_on_both_sides(tmp_path: Path, nursery: trio.
     for raw in (alice, phone, bob):
         await raw.aclose()
     nursery.cancel_scope.cancel()
+
+
+async def test_iqs_from_another_domain_reach_users_and_honour_blocking(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    a, b = await pair(nursery, tmp_path)
+    alice, bob = await client(a, "alice"), await client(b, "bob")
+    alice_in, bob_in = Inbox(alice), Inbox(bob)
+
+    async def ask(iq: str, id_: str) -> ET.Element:
+        await bob.send(iq.encode())
+        return await bob_in.wait(lambda e: e.get("id") == id_)
+
+    def condition(reply: ET.Element) -> str:
+        error = reply.find(f"{CLIENT}error")
+        assert error is not None, ET.tostring(reply)
+        return error[0].tag.split("}")[1]
+
+    # A full JID: passed to alice's client, whose answer goes back across.
+    await bob.send(b"<iq type='get' id='p1' to='alice@a.test/r'><ping xmlns='urn:xmpp:ping'/></iq>")
+    ping = await alice_in.wait(lambda e: e.get("id") == "p1")
+    assert ping.get("from") == "bob@b.test/r"
+    await alice.send(b"<iq type='result' id='p1' to='bob@b.test/r'/>")
+    assert (await bob_in.wait(lambda e: e.get("id") == "p1")).get("type") == "result"
+    # A bare JID: the account's handlers (vCard); an unknown account: service-unavailable.
+    await alice.send(
+        b"<iq type='set' id='vs'><vCard xmlns='vcard-temp'><FN>Alice</FN></vCard></iq>"
+    )
+    await alice_in.wait(lambda e: e.get("id") == "vs")
+    vcard = await ask(
+        "<iq type='get' id='v1' to='alice@a.test'><vCard xmlns='vcard-temp'/></iq>", "v1"
+    )
+    assert vcard.get("type") == "result"
+    assert vcard.findtext("{vcard-temp}vCard/{vcard-temp}FN") == "Alice"
+    nobody = await ask(
+        "<iq type='get' id='v2' to='nobody@a.test'><vCard xmlns='vcard-temp'/></iq>", "v2"
+    )
+    assert condition(nobody) == "service-unavailable"
+    bad = await ask("<iq type='get' id='v3' to='alice@a.test'/>", "v3")  # no child
+    assert condition(bad) == "bad-request"
+    # Once alice blocks bob (XEP-0191), his iqs to her are refused.
+    await alice.send(
+        b"<iq type='set' id='b1'><block xmlns='urn:xmpp:blocking'>"
+        b"<item jid='bob@b.test'/></block></iq>"
+    )
+    await alice_in.wait(lambda e: e.get("id") == "b1")
+    blocked = await ask(
+        "<iq type='get' id='v4' to='alice@a.test'><vCard xmlns='vcard-temp'/></iq>", "v4"
+    )
+    assert condition(blocked) == "service-unavailable"
+    await alice.aclose()
+    await bob.aclose()
+    nursery.cancel_scope.cancel()
