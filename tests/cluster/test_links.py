@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -302,4 +303,62 @@ async def test_drivers_replicate_over_real_links(tmp_path: Path, ca: pki.Cluster
                 await current.propose("g1", b"%d" % n)
         expected = [b"%d" % n for n in range(20)]
         await wait_for(lambda: all(app.items == expected for app in apps.values()))
+        nursery.cancel_scope.cancel()
+
+
+class StuckStream:
+    """A connection whose peer stopped reading: every write blocks."""
+
+    async def send_all(self, data: bytes) -> None:
+        await trio.sleep_forever()
+
+
+async def test_a_write_that_makes_no_progress_ends_the_link(
+    tmp_path: Path, ca: pki.ClusterCa, autojump_clock: trio.testing.MockClock
+) -> None:
+    node = make_credentials(tmp_path, ca, "n1")
+    ca_file, cert_file, key_file = node.files()
+    links = PeerLinks(
+        "n1",
+        CLUSTER,
+        {"n2": Peer("n2", "127.0.0.1", 1)},
+        server_context=pki.server_context(ca_file, cert_file, key_file),
+        client_context=pki.client_context(ca_file, cert_file, key_file),
+        deliver=node.received.append,
+        config=replace(FAST, write_timeout=3.0),
+    )
+    outbound = links._outbound["n2"]
+    links.send(heartbeat("n1", "n2"))
+    started = trio.current_time()
+    with pytest.raises(trio.TooSlowError):
+        await links._pump(outbound, StuckStream())  # type: ignore[arg-type]
+    assert trio.current_time() - started == pytest.approx(3.0)
+
+
+async def test_inbound_connections_beyond_the_cap_are_closed_at_once(
+    tmp_path: Path, ca: pki.ClusterCa
+) -> None:
+    async with trio.open_nursery() as nursery:
+        node = make_credentials(tmp_path, ca, "n1")
+        ca_file, cert_file, key_file = node.files()
+        links = PeerLinks(
+            "n1",
+            CLUSTER,
+            {},
+            server_context=pki.server_context(ca_file, cert_file, key_file),
+            client_context=pki.client_context(ca_file, cert_file, key_file),
+            deliver=node.received.append,
+            config=replace(FAST, max_inbound=2, handshake_timeout=30.0),
+        )
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        await nursery.start(links.run, [listener])
+        held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        await wait_for(lambda: links._inbound == 2)  # handshaking: they never speak
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(5):
+            assert await extra.receive_some(1) == b""  # closed at once
+        assert links.refused_inbound == 1
+        for stream in (*held, extra):
+            await stream.aclose()
         nursery.cancel_scope.cancel()

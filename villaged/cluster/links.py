@@ -12,17 +12,19 @@ full the *oldest* message is dropped and counted -- Raft retransmits, and a fres
 append is worth more than a stale one. The peer's sender task connects (TCP, then TLS with the
 cluster CA as the only trust anchor, a certificate required both ways, the handshake and the
 hello exchange under ``handshake_timeout``), checks that the certificate names the node it
-meant to reach and that the hello agrees, then writes queued messages in batches. Any failure
-closes the connection; the task waits with exponential backoff (full jitter, from
-``reconnect_initial`` to ``reconnect_max``) and connects again. Messages taken from the queue
-when a connection broke are lost, like any message Raft sends.
+meant to reach and that the hello agrees, then writes queued messages in batches, each write
+bounded by ``write_timeout`` (a peer gone without a word is noticed then, not when TCP gives
+up). Any failure closes the connection; the task waits with exponential backoff (full jitter,
+from ``reconnect_initial`` to ``reconnect_max``; it starts over only after a link that stayed
+up ``stable_after``) and connects again. Messages taken from the queue when a connection broke
+are lost, like any message Raft sends.
 
 Receiving: the listener's TLS handshake requires a certificate from the CA that names one of the
 configured peers (a stranger, even one with a valid certificate, is refused); the hello must
 name the same node and cluster. Every envelope's ``sender`` must be that node -- a peer cannot
 speak for another -- and each message goes to ``deliver`` (the driver's, non-blocking). A
 connection silent for ``idle_timeout`` (heartbeats flow every tick) or sending a bad frame is
-closed.
+closed, and at most ``max_inbound`` connections are served at once.
 """
 
 from __future__ import annotations
@@ -77,8 +79,16 @@ class LinkConfig:
     send_queue_messages: int = 4096
     handshake_timeout: float = 10.0
     idle_timeout: float = 30.0
+    #: A write that makes no progress for this long ends the link (a peer that vanished
+    #: without a FIN would otherwise hold it "connected" until TCP gives up, ~15 min).
+    write_timeout: float = 10.0
     reconnect_initial: float = 0.1
     reconnect_max: float = 5.0
+    #: A link must stay up this long before the backoff starts over (a peer that accepts and
+    #: then drops every link is retried ever more slowly, not every reconnect_initial).
+    stable_after: float = 10.0
+    #: Inbound connections at once, handshaking or linked; more are closed at once.
+    max_inbound: int = 64
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
 
 
@@ -122,6 +132,7 @@ class PeerLinks:
         #: Counters for metrics and tests.
         self.refused_inbound = 0
         self.accepted_inbound = 0
+        self._inbound = 0  # inbound connections now (handshaking or linked)
         self.received = 0
         self.unroutable = 0
 
@@ -172,6 +183,10 @@ class PeerLinks:
         async with listener:
             while True:
                 stream = await listener.accept()
+                if self._inbound >= self.config.max_inbound:
+                    self.refused_inbound += 1
+                    await trio.aclose_forcefully(stream)
+                    continue
                 handler_nursery.start_soon(self._serve_inbound, stream)
 
     async def _keep_linked(self, outbound: _Outbound) -> None:
@@ -188,7 +203,7 @@ class PeerLinks:
                     extra={"event": "cluster.link_failed", "peer": peer.node_id},
                 )
             else:
-                delay = self.config.reconnect_initial
+                linked_at = trio.current_time()
                 outbound.connected = True
                 outbound.connects += 1
                 try:
@@ -200,6 +215,7 @@ class PeerLinks:
                     OSError,
                     trio.BrokenResourceError,
                     trio.ClosedResourceError,
+                    trio.TooSlowError,
                     LinkRefusedError,
                 ) as broken:
                     logger.info(
@@ -210,6 +226,8 @@ class PeerLinks:
                     )
                 finally:
                     outbound.connected = False
+                if trio.current_time() - linked_at >= self.config.stable_after:
+                    delay = self.config.reconnect_initial  # it was a good link: start over
             await trio.sleep(self._rng.uniform(0, delay))
             delay = min(delay * 2, self.config.reconnect_max)
 
@@ -255,13 +273,16 @@ class PeerLinks:
                         extra={"event": "cluster.message_too_large", "peer": message.to},
                     )
             if chunks:
-                await stream.send_all(b"".join(chunks))
+                with trio.fail_after(self.config.write_timeout):
+                    await stream.send_all(b"".join(chunks))
 
     async def _serve_inbound(self, tcp: trio.SocketStream) -> None:
         stream = trio.SSLStream(tcp, self._server_context, server_side=True)
+        self._inbound += 1
         try:
             await self._serve_tls(stream)
         finally:
+            self._inbound -= 1
             await trio.aclose_forcefully(stream)
 
     async def _serve_tls(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
