@@ -362,3 +362,26 @@ async def test_inbound_connections_beyond_the_cap_are_closed_at_once(
         for stream in (*held, extra):
             await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_drops_every_link_is_retried_ever_more_slowly(
+    tmp_path: Path, ca: pki.ClusterCa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with trio.open_nursery() as nursery:
+        harness = Harness(nursery)
+        n1, n2 = (make_credentials(tmp_path, ca, n) for n in ("n1", "n2"))
+        listeners = [await harness.listen(node) for node in (n1, n2)]
+        await harness.start(n2, listeners[1])
+        assert n2.links is not None
+
+        async def hang_up(*args: object) -> None:
+            return None  # accepts the link, then closes it at once
+
+        monkeypatch.setattr(n2.links, "_receive", hang_up)
+        await harness.start(n1, listeners[0])
+        assert n1.links is not None
+        await trio.sleep(1.5)
+        # The backoff doubles up to reconnect_max (0.2 s) because no link stays up for
+        # stable_after: about a dozen links, not the ~100 of retrying every 0.02 s.
+        assert 3 <= n1.links.connects("n2") <= 40
+        nursery.cancel_scope.cancel()
