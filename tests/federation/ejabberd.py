@@ -56,7 +56,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from contextlib import asynccontextmanager
@@ -65,6 +64,7 @@ from typing import TYPE_CHECKING, Final, Literal
 import trio
 
 from tests.federation.pki import PemPair, issue
+from tests.federation.processes import LOOPBACK, accepts, stop
 from tests.ports import free_port_base
 
 if TYPE_CHECKING:
@@ -88,13 +88,10 @@ ERL: Final = "erl"
 #: Where Debian installs ejabberd's own application (``ejabberd-<version>/ebin``); its
 #: dependencies (p1_xmpp, fast_tls, ...) are in Erlang's library directory.
 EJABBERD_LIBS: Final = "/usr/lib/x86_64-linux-gnu"
-LOOPBACK: Final = "127.0.0.1"
 
 AuthMode = Literal["certs", "dialback"]
 
 _POLL_INTERVAL_S: Final = 0.05
-_STOP_GRACE_S: Final = 5.0
-_KILL_WAIT_S: Final = 2.0
 _LOG_TAIL_CHARS: Final = 8000
 _SRV_TTL_S: Final = 86400
 
@@ -356,7 +353,7 @@ class EjabberdServer:
                 raise
         finally:
             with trio.CancelScope(shield=True):
-                await _stop(process)
+                await stop(process)
 
     async def _wait_ready(self, process: trio.Process) -> None:
         while not self.ready_path.exists():
@@ -367,7 +364,7 @@ class EjabberdServer:
                 )
             await trio.sleep(_POLL_INTERVAL_S)
         for port in (self.c2s_port, self.s2s_port):
-            while not await _accepts(port):
+            while not await accepts(port):
                 if process.poll() is not None:
                     raise EjabberdError(
                         f"ejabberd for {self.domain} exited with {process.returncode} before "
@@ -384,27 +381,6 @@ class EjabberdServer:
 
     def _show_log(self, headline: str) -> None:
         print(f"===== {headline}: {self.log_path} =====\n{self._tail()}", file=sys.stderr)
-
-
-async def _stop(process: trio.Process) -> None:
-    if process.returncode is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(_STOP_GRACE_S):
-        await process.wait()
-        return
-    process.kill()
-    with trio.move_on_after(_KILL_WAIT_S):
-        await process.wait()
-
-
-async def _accepts(port: int) -> bool:
-    try:
-        stream = await trio.open_tcp_stream(LOOPBACK, port)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
 
 
 def _erl_str(value: str) -> str:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from contextlib import asynccontextmanager
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Final, Literal
 import trio
 
 from tests.federation.pki import PemPair, issue, write_pem_pair
+from tests.federation.processes import LOOPBACK, accepts, stop
 from tests.ports import free_port_base
 
 if TYPE_CHECKING:
@@ -71,15 +71,12 @@ __all__ = [
 #: The binaries from Debian's ``prosody`` package (installed by .ci/system-deps).
 PROSODY: Final = "prosody"
 PROSODYCTL: Final = "prosodyctl"
-LOOPBACK: Final = "127.0.0.1"
 
 AuthMode = Literal["certs", "dialback"]
 
 # How often start() looks for open ports; the caller bounds the whole wait with trio.fail_after.
 _POLL_INTERVAL_S: Final = 0.05
 # On exit: SIGTERM, then this long for a clean shutdown, then SIGKILL.
-_STOP_GRACE_S: Final = 5.0
-_KILL_WAIT_S: Final = 2.0
 # How much of the log an error message carries (the whole file stays in the directory).
 _LOG_TAIL_CHARS: Final = 8000
 
@@ -314,7 +311,7 @@ VirtualHost {_lua(self.domain)}
                 raise
         finally:
             with trio.CancelScope(shield=True):
-                await _stop(process)
+                await stop(process)
 
     async def _wait_listening(self, process: trio.Process, *, since: int) -> None:
         """Until all three ports accept. Prosody keeps running after failing to bind a port or
@@ -327,7 +324,7 @@ VirtualHost {_lua(self.domain)}
                         f"listening on {LOOPBACK}:{port}\n{self._tail(since)}"
                     )
                 self._raise_on_logged_errors(since)
-                if await _accepts(port):
+                if await accepts(port):
                     break
                 await trio.sleep(_POLL_INTERVAL_S)
         self._raise_on_logged_errors(since)
@@ -361,27 +358,6 @@ VirtualHost {_lua(self.domain)}
 
     def _show_log(self, headline: str, *, since: int) -> None:
         print(f"===== {headline}: {self.log_path} =====\n{self._tail(since)}", file=sys.stderr)
-
-
-async def _stop(process: trio.Process) -> None:
-    if process.returncode is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(_STOP_GRACE_S):
-        await process.wait()
-        return
-    process.kill()
-    with trio.move_on_after(_KILL_WAIT_S):
-        await process.wait()
-
-
-async def _accepts(port: int) -> bool:
-    try:
-        stream = await trio.open_tcp_stream(LOOPBACK, port)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
 
 
 def _lua(value: object) -> str:

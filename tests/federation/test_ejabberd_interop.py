@@ -16,10 +16,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.e2e.xmpp_client import TrioXmppClient, open_xmpp_client
-from tests.federation.ejabberd import LOOPBACK, AuthMode, EjabberdServer, ejabberd_available
+from tests.federation.ejabberd import AuthMode, EjabberdServer, ejabberd_available
 from tests.federation.interop import Inbox, inbound_methods, subscribe_see_and_chat
 from tests.federation.nodes import Route, start_federated_node, write_federated_config
 from tests.federation.pki import PemPair, issue, make_ca, write_pem_pair
+from tests.federation.processes import LOOPBACK
 from tests.federation.test_villaged_federation import client
 from tests.ports import free_port_base
 

@@ -25,8 +25,8 @@ from tests.federation.pki import (
     read_xmpp_addrs,
     write_pem_pair,
 )
+from tests.federation.processes import LOOPBACK
 from tests.federation.prosody import (
-    LOOPBACK,
     AuthMode,
     ProsodyError,
     ProsodyServer,

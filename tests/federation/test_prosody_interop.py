@@ -16,7 +16,8 @@ from tests.e2e.xmpp_client import TrioXmppClient, open_xmpp_client
 from tests.federation.interop import Inbox, inbound_methods, subscribe_see_and_chat
 from tests.federation.nodes import Route, start_federated_node, write_federated_config
 from tests.federation.pki import PemPair, issue, make_ca, write_pem_pair
-from tests.federation.prosody import LOOPBACK, AuthMode, ProsodyServer, prosody_available
+from tests.federation.processes import LOOPBACK
+from tests.federation.prosody import AuthMode, ProsodyServer, prosody_available
 from tests.federation.test_villaged_federation import client
 from tests.ports import free_port_base
 
