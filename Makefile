@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEV    ?= var/dev
 PYTEST_ARGS ?=
 
-.PHONY: all run test check lint types bench clean distclean
+.PHONY: all run cluster test check lint types bench clean distclean
 
 all: check
 
@@ -25,6 +25,13 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/villaged init --dev --dir $(DEV) --demo-users
 	exec $(BIN)/villaged run -c $(DEV)/villaged.toml
+
+# Start a three-node dev cluster on localhost (zones a, b, c; CA, certificates, shared keyset
+# and demo passwords are generated once under .cluster/ and kept afterwards; rm -rf .cluster
+# starts over). Ctrl-C stops every node.
+cluster: $(STAMP)
+	test -d .cluster || $(BIN)/villaged init --dev --cluster --dir .cluster --demo-users
+	exec $(BIN)/villaged cluster run-local --dir .cluster
 
 test: $(STAMP)
 	bash .ci/system-deps

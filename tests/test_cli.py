@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
+import json
+import threading
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import trio
 
 from villaged import __version__
 from villaged.cli import main
+from villaged.ops.control import ControlError, serve_control
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
     from pathlib import Path
+
+    from villaged.ops.control import Handler
 
 
 def run(
@@ -156,3 +163,179 @@ def test_storage_verify_reports_damage(node: Path, capsys: pytest.CaptureFixture
     assert code == 1
     assert "storage is damaged" in err
     assert segment.name in err
+
+
+# --- clusters: init --cluster, and commands through the control socket -------------------------
+
+STATUS = {
+    "node": "n1",
+    "cluster": "dev-1",
+    "zone": "a",
+    "members": [
+        {"id": "n1", "zone": "a", "address": "127.0.0.1:5228", "linked": True},
+        {"id": "n2", "zone": "b", "address": "127.0.0.1:5238", "linked": False},
+    ],
+    "groups": [
+        {"group": "meta", "role": "leader", "term": 3, "leader": "n1", "commit": 10,
+         "applied": 10, "last_index": 10, "snapshot_index": 0, "voters": ["n1", "n2"],
+         "lag": {"n2": 4}},
+        {"group": "s00", "role": "follower", "term": 2, "leader": "n2", "commit": 7,
+         "applied": 6, "last_index": 7, "snapshot_index": 0, "voters": ["n1", "n2"], "lag": {}},
+        {"group": "s01", "role": "candidate", "term": 5, "leader": None, "commit": 1,
+         "applied": 1, "last_index": 2, "snapshot_index": 0, "voters": ["n1", "n2"], "lag": {}},
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture
+def cluster_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    code, _, err = run(
+        ["init", "--dev", "--cluster", "--nodes", "1", "--dir", str(tmp_path / "c")], capsys
+    )
+    assert code == 0, err
+    (tmp_path / "c/n1/data").mkdir(mode=0o700)
+    return tmp_path / "c/n1/villaged.toml"
+
+
+@pytest.fixture
+def control_server(cluster_node: Path) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """A stand-in node serving canned answers on n1's control socket, from another thread;
+    yields the requests it received."""
+    calls: list[tuple[str, dict[str, Any]]] = []
+    users = ["alice@localhost"]
+
+    def handler(name: str) -> Handler:
+        async def handle(args: Mapping[str, Any]) -> Any:
+            calls.append((name, dict(args)))
+            if args.get("jid") == "nobody@localhost":
+                raise ControlError("no such user nobody@localhost")
+            return {"cluster.status": STATUS, "user.list": users}.get(name, args.get("jid"))
+
+        return handle
+
+    handlers = {n: handler(n) for n in ("user.add", "user.passwd", "user.delete", "user.list")}
+    handlers["cluster.status"] = handler("cluster.status")
+    ready, token = threading.Event(), []
+    stop = trio.Event()
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_control, cluster_node.parent / "data/control.sock", handlers)
+            token.append(trio.lowlevel.current_trio_token())
+            ready.set()
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+
+    thread = threading.Thread(target=trio.run, args=(serve,))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        yield calls
+    finally:
+        if token:
+            trio.from_thread.run_sync(stop.set, trio_token=token[0])
+        thread.join(10)
+
+
+def test_init_cluster_reports_and_checks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["init", "--dev", "--cluster", "--dir", str(tmp_path / "c"), "--demo-users"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    created = [line for line in out.splitlines() if line.startswith("created ")]
+    assert len(created) == 3 + 3 * 7  # the CA, its key, the passwords; 7 files per node
+    assert "start it with: villaged cluster run-local --dir" in out
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    assert not [line for line in out.splitlines() if line.startswith("created ")]
+    for k in (1, 2, 3):
+        assert run(["check", "-c", str(tmp_path / f"c/n{k}/villaged.toml")], capsys)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--nodes", "3"], "--nodes and --zones make a cluster: pass --cluster too"),
+        (["--cluster", "--nodes", "0"], "a dev cluster has 1 to 7 nodes, not 0"),
+        (["--cluster", "--zones", "a,,b"], "zone '' is not a zone name"),
+    ],
+)
+def test_init_cluster_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    code, _, err = run(["init", "--dev", "--dir", str(tmp_path / "c"), *extra], capsys)
+    assert code == 1
+    assert err.startswith("villaged: error: ")
+    assert err.count("\n") == 1
+    assert message in err
+
+
+def test_cluster_status_report(
+    cluster_node: Path,
+    control_server: list[tuple[str, dict[str, Any]]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run(["cluster", "status", "-c", str(cluster_node)], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "node n1 (zone a) of cluster dev-1"
+    assert lines[2].split() == ["member", "zone", "address", "linked"]
+    assert lines[3].split() == ["n1", "(this", "node)", "a", "127.0.0.1:5228", "-"]
+    assert lines[4].split() == ["n2", "b", "127.0.0.1:5238", "NO"]
+    assert lines[6].split() == [
+        "group", "leader", "term", "commit", "applied", "role", "follower", "lag"
+    ]  # fmt: skip
+    assert lines[7].split() == ["meta", "n1", "3", "10", "10", "leader", "n2:4"]
+    assert lines[8].split() == ["s00", "n2", "2", "7", "6", "follower", "-"]
+    assert lines[9].split() == ["s01", "NO", "LEADER", "5", "1", "1", "candidate", "-"]
+    assert lines[-1] == "3 groups, 2 with a leader, this node leads 1; 1 WITHOUT A LEADER"
+    code, out, _ = run(["cluster", "status", "--json", "-c", str(cluster_node)], capsys)
+    assert code == 0
+    assert json.loads(out) == STATUS
+    assert control_server == [("cluster.status", {})] * 2
+
+
+def test_user_commands_use_the_control_socket_of_a_cluster_node(
+    cluster_node: Path,
+    control_server: list[tuple[str, dict[str, Any]]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    c = ["-c", str(cluster_node)]
+    assert run(["user", "add", "carol@localhost", *c], capsys, "a password\n")[:2] == (
+        0,
+        "added carol@localhost\n",
+    )
+    code, out, _ = run(["user", "passwd", "carol@localhost", *c], capsys, "new one\n")
+    assert (code, out) == (0, "changed the password of carol@localhost\n")
+    code, out, _ = run(["user", "delete", "carol@localhost", *c], capsys)
+    assert (code, out) == (0, "deleted carol@localhost and destroyed its key\n")
+    assert run(["user", "list", *c], capsys)[:2] == (0, "alice@localhost\n")
+    code, _, err = run(["user", "delete", "nobody@localhost", *c], capsys)
+    assert (code, err) == (1, "villaged: error: user.delete: no such user nobody@localhost\n")
+    code, _, err = run(["user", "add", "x@localhost", *c], capsys, "")
+    assert (code, err) == (1, "villaged: error: no password on standard input\n")
+    assert control_server == [
+        ("user.add", {"jid": "carol@localhost", "password": "a password"}),
+        ("user.passwd", {"jid": "carol@localhost", "password": "new one"}),
+        ("user.delete", {"jid": "carol@localhost"}),
+        ("user.list", {}),
+        ("user.delete", {"jid": "nobody@localhost"}),
+    ]
+    assert not (cluster_node.parent / "data/log").exists()  # the store was never opened offline
+
+
+def test_cluster_commands_without_a_running_node(
+    cluster_node: Path, node: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    socket_path = cluster_node.parent / "data/control.sock"
+    for argv in (["user", "list"], ["cluster", "status"]):
+        code, _, err = run([*argv, "-c", str(cluster_node)], capsys)
+        assert code == 1
+        assert err == f"villaged: error: is the node running? no control socket at {socket_path}\n"
+    code, _, err = run(["cluster", "status", "-c", str(node)], capsys)
+    assert code == 1
+    assert "this node is not in a cluster" in err
+    code, _, err = run(["cluster", "run-local", "--dir", str(node.parent / "nothing")], capsys)
+    assert code == 1
+    assert "no node directories (n1, n2, …)" in err

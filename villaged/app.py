@@ -24,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from villaged import __version__
 from villaged.admin.node import kicker, open_admin, serve_operator_access
 from villaged.admin.operators import OperatorError
+from villaged.cluster.node import ClusterNode, ClusterStartupError, FrameRoute
+from villaged.cluster.sessions import RemoteSession, SessionMirror
 from villaged.federation.glue import InboundRouter, RemotePresence
 from villaged.federation.service import Federation
 from villaged.im import private, server_info, stream_management, vcard
@@ -42,6 +44,7 @@ from villaged.net.s2s_tls import S2STlsConfigError
 from villaged.net.tls import ALPN_XMPP_CLIENT, ServerTlsSpec, TlsConfigError, TlsContextHolder
 from villaged.net.websocket import ALPN_HTTP_1_1, WebSocketSettings, serve_websocket
 from villaged.ops.backup import read_backup_status
+from villaged.ops.control import control_socket_path, serve_control
 from villaged.ops.logging import reopen_log_files
 from villaged.ops.metrics import BackupWatch, Metrics
 from villaged.ops.monitor import MonitorService
@@ -52,7 +55,7 @@ from villaged.xmpp.jid import JID
 
 if TYPE_CHECKING:
     import xml.etree.ElementTree as ET
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
     from villaged.admin.server import AdminContext
@@ -71,6 +74,8 @@ class NodeStatus:
     metrics: Metrics
     ready: bool = False
     http_ports: list[int] = field(default_factory=list)
+    #: On a cluster node: whether every group it replicates has a leader (else not ready).
+    quorum: Callable[[], bool] | None = None
 
     def route(self, method: str, path: str) -> Response:
         if method not in ("GET", "HEAD"):
@@ -78,9 +83,11 @@ class NodeStatus:
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
-            if self.ready:
-                return 200, "text/plain", b"ready\n"
-            return 503, "text/plain", b"starting\n"
+            if not self.ready:
+                return 503, "text/plain", b"starting\n"
+            if self.quorum is not None and not self.quorum():
+                return 503, "text/plain", b"no quorum: a shard has no leader\n"
+            return 200, "text/plain", b"ready\n"
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, self.metrics.render()
         return 404, "text/plain", b"not found\n"
@@ -107,6 +114,7 @@ class Node:
     monitor: MonitorService
     admin: AdminContext | None = None  # operator access (the admin socket), once opened
     federation: Federation | None = None  # server-to-server links, when [federation] is on
+    cluster: ClusterNode | None = None  # the cluster side, when [cluster] is on
 
 
 def build_tls(config: Config) -> TlsContextHolder:
@@ -145,16 +153,24 @@ async def _run(
 ) -> None:
     tls = build_tls(config)
     views = FeatureViews()
-    options = StoreOptions.from_config(config.storage)
+    clustered = config.cluster.enabled
+    options = StoreOptions.from_config(config.storage, replicated=clustered)
     store = await trio.to_thread.run_sync(Store.open, options, views.all())
-    _tune_garbage_collector()
     try:
         node = _assemble(config, store, tls, views)
         node.admin = await _open_operator_access(node, views)
         # Two nurseries: the store's outlives the serving one, so on shutdown every
-        # connection task (and so every commit it started) is finished before the log closes.
+        # connection task (and so every commit it started) is finished before the log closes
+        # (and, on a cluster node, before the Raft groups stop).
         async with trio.open_nursery() as storage_nursery:
             await storage_nursery.start(store.run)
+            if node.cluster is not None:
+                try:
+                    await storage_nursery.start(node.cluster.run)
+                except ClusterStartupError as exc:
+                    raise StartupError(str(exc)) from None
+                store.replicator = node.cluster.replicator
+            _tune_garbage_collector()
             try:
                 async with trio.open_nursery() as serving:
                     await _start_listeners(node, serving)
@@ -179,6 +195,8 @@ async def _run(
                     serving.cancel_scope.cancel()
             finally:
                 store.log.close()
+                if node.cluster is not None:
+                    storage_nursery.cancel_scope.cancel()
                 if node.admin is not None:
                     node.admin.audit.close()  # after every admin connection has ended
     finally:
@@ -228,6 +246,8 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
     )
     monitor.block_listeners.append(c2s.end_unauthenticated_streams)
     node = Node(config, store, tls, sessions, c2s, NodeStatus(metrics), monitor)
+    if config.cluster.enabled:
+        node.cluster = _join_cluster(node, presence)
     if config.federation.enabled:
         node.federation = _federate(
             config, store, views, im, messages, presence, router, blocking, monitor
@@ -235,6 +255,31 @@ def _assemble(config: Config, store: Store, tls: TlsContextHolder, views: Featur
         hook = RemotePresence(node.federation, sessions)
         roster.outbound_remote = presence.outbound_remote = hook
     return node
+
+
+def _join_cluster(node: Node, presence: Presence) -> ClusterNode:
+    """The cluster side, wired into the IM layer: writes go through the shards, and other
+    nodes' sessions are mirrored into the session registry (so routing reaches them)."""
+    try:
+        cluster = ClusterNode.build(node.config, node.store)
+    except ClusterStartupError as exc:
+        raise StartupError(str(exc)) from None
+    mirror = SessionMirror(
+        cluster.node_id, node.sessions, cluster.links.send_app, cluster.links.peers()
+    )
+    node.c2s.session_observer = mirror
+    cluster.routes.append(
+        FrameRoute("sess.", lambda peer, frame: mirror.receive(peer, frame.kind, frame.body))
+    )
+    cluster.on_link_up.append(mirror.link_up)
+
+    def peer_lost(peer: str) -> None:
+        for gone in mirror.peer_lost(peer):
+            presence.gone_elsewhere(gone, lambda s: not isinstance(s, RemoteSession))
+
+    cluster.on_peer_lost.append(peer_lost)
+    node.status.quorum = cluster.has_quorum
+    return cluster
 
 
 def _federate(
@@ -321,6 +366,15 @@ async def _start_listeners(node: Node, nursery: trio.Nursery) -> None:
                 f"[admin] socket = {str(config.admin.socket)!r} in {config.source}: cannot listen"
                 f" there ({exc.strerror or exc})"
             ) from exc
+    if node.cluster is not None:
+        path = control_socket_path(config)
+        try:
+            await nursery.start(serve_control, path, node.cluster.control_handlers(node.store))
+        except OSError as exc:
+            raise StartupError(
+                f"{config.source}: storage.dir: cannot serve the control socket {path}:"
+                f" {exc.strerror or exc}"
+            ) from None
     for endpoint in config.listeners.http.bind:
         listeners = await _listen(
             config,
@@ -396,6 +450,8 @@ async def _shut_down(node: Node) -> None:
     node.status.ready = False
     node.c2s.shutting_down = True
     notify("STOPPING=1")
+    if node.cluster is not None:
+        node.cluster.drop_peers()  # other nodes' sessions are theirs to end, not ours
     log.info("shutting down", extra={"event": "node.stopping", "sessions": len(node.sessions)})
     for session in node.sessions.all():
         session.terminate("system-shutdown", "the server is shutting down")

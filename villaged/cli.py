@@ -7,12 +7,13 @@ Exit codes: 0 success, 1 the command failed, 2 the command line was wrong.
 from __future__ import annotations
 
 import argparse
+import json
 import pwd
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -21,6 +22,7 @@ from villaged.admin import client as admin_client
 from villaged.admin.client import AdminCommandError
 from villaged.app import StartupError
 from villaged.config import Config, ConfigError, check_config_files, load_config
+from villaged.ops.control import ControlError
 from villaged.storage.errors import StorageError
 
 if TYPE_CHECKING:
@@ -41,23 +43,50 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from villaged.ops.provision import init_dev
+    from villaged.ops.provision import init_cluster, init_dev
 
     if not args.dev:
         raise CommandError("only development nodes can be initialised yet: pass --dev")
     directory = Path(args.dir)
-    result = init_dev(
-        directory,
-        domain=args.domain,
-        port_base=args.port_base,
-        force=args.force,
-        now=datetime.now(UTC),
-    )
-    for path in result.created:
+    if args.cluster:
+        zones = [zone.strip() for zone in (args.zones or "a,b,c").split(",")]
+        cluster = init_cluster(
+            directory,
+            nodes=3 if args.nodes is None else args.nodes,
+            zones=zones,
+            domain=args.domain,
+            port_base=args.port_base,
+            demo_users=args.demo_users,
+            force=args.force,
+            now=datetime.now(UTC),
+        )
+        created, kept = cluster.created, cluster.kept
+    elif args.nodes is not None or args.zones is not None:
+        raise CommandError("--nodes and --zones make a cluster: pass --cluster too")
+    else:
+        result = init_dev(
+            directory,
+            domain=args.domain,
+            port_base=args.port_base,
+            force=args.force,
+            now=datetime.now(UTC),
+        )
+        created, kept = result.created, result.kept
+    for path in created:
         print(f"created {path}")
-    for path in result.kept:
+    for path in kept:
         print(f"kept    {path}")
-    if args.demo_users:
+    if args.cluster:
+        print(
+            f"cluster {cluster.cluster_id}: {', '.join(node.id for node in cluster.nodes)};"
+            f" start it with: villaged cluster run-local --dir {directory}"
+        )
+        if args.demo_users:
+            print(
+                "the demo accounts are made once it runs;"
+                f" passwords in {directory / 'demo-accounts.txt'}"
+            )
+    elif args.demo_users:
         from villaged.ops.demo import ensure_demo_users
 
         for line in trio.run(ensure_demo_users, directory / "villaged.toml"):
@@ -127,6 +156,8 @@ def cmd_user(args: argparse.Namespace) -> int:
 
     config = _config(args)
     action = args.user_command
+    if config.cluster.enabled:
+        return _cluster_user(config, args)
     if action == "list":
         for jid in trio.run(accounts.list_users, config):
             print(jid)
@@ -141,6 +172,57 @@ def cmd_user(args: argparse.Namespace) -> int:
         print(
             f"changed the password of {trio.run(accounts.set_password, config, args.jid, password)}"
         )
+    return 0
+
+
+def _cluster_user(config: Config, args: argparse.Namespace) -> int:
+    """``villaged user`` on a cluster node: the running node does it (its control socket)."""
+    from villaged.ops import accounts
+
+    action = args.user_command
+    if action == "list":
+        for jid in _control(config, "user.list", {}):
+            print(jid)
+        return 0
+    if action == "delete":
+        done = _control(config, "user.delete", {"jid": args.jid})
+        print(f"deleted {done if isinstance(done, str) else args.jid} and destroyed its key")
+        return 0
+    password = accounts.read_new_password()
+    done = _control(config, f"user.{action}", {"jid": args.jid, "password": password})
+    jid = done if isinstance(done, str) else args.jid
+    print(f"added {jid}" if action == "add" else f"changed the password of {jid}")
+    return 0
+
+
+def _control(config: Config, cmd: str, args: dict[str, object]) -> Any:
+    from villaged.ops.control import call_control, control_socket_path
+
+    return trio.run(call_control, control_socket_path(config), cmd, args)
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from villaged.ops.control import status_report
+
+    config = _config(args)
+    if not config.cluster.enabled:
+        raise CommandError(f"{config.source}: this node is not in a cluster ([cluster] enabled)")
+    document = _control(config, "cluster.status", {})
+    if args.json:
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        for line in status_report(document):
+            print(line)
+    return 0
+
+
+def cmd_cluster_run_local(args: argparse.Namespace) -> int:
+    from villaged.ops.devcluster import DevClusterError, run_local
+
+    try:
+        trio.run(run_local, Path(args.dir))
+    except DevClusterError as exc:
+        raise CommandError(str(exc)) from None
     return 0
 
 
@@ -317,6 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="regenerate keys, certificate, config")
     p.add_argument("--demo-users", action="store_true", help="also create demo accounts")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a dev cluster: DIR/ca (its CA) and one node directory DIR/n1, DIR/n2, … per node,"
+        " node K on ports from N+10*(K-1)",
+    )
+    p.add_argument(
+        "--nodes", type=int, metavar="K", help="with --cluster: how many nodes, 1 to 7 (default 3)"
+    )
+    p.add_argument(
+        "--zones",
+        metavar="A,B,…",
+        help="with --cluster: zones given to the nodes in turn (default a,b,c)",
+    )
 
     p = with_config(
         add("check", cmd_check, "validate a config and audit the host: file modes, TLS, listeners")
@@ -337,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_config(p).set_defaults(func=cmd_keys_retire)
 
-    user = sub.add_parser("user", help="manage accounts (on a stopped node)")
+    user = sub.add_parser(
+        "user", help="manage accounts (a stopped single node, or a running cluster node)"
+    )
     user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
     for action, help_ in (
         ("add", "create an account; password from a prompt or stdin"),
@@ -348,6 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("jid", metavar="JID", help="user@domain")
         p.set_defaults(func=cmd_user)
     with_config(user_sub.add_parser("list", help="list accounts")).set_defaults(func=cmd_user)
+
+    cluster = sub.add_parser("cluster", help="a cluster of nodes serving one domain")
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    p = with_config(
+        cluster_sub.add_parser(
+            "status", help="members, Raft groups and leaders, from a running node"
+        )
+    )
+    p.add_argument("--json", action="store_true", help="print the status document as JSON")
+    p.set_defaults(func=cmd_cluster_status)
+    p = cluster_sub.add_parser(
+        "run-local", help="run every node of a dev cluster (villaged init --dev --cluster)"
+    )
+    p.add_argument("--dir", required=True, metavar="DIR", help="the cluster's directory")
+    p.set_defaults(func=cmd_cluster_run_local)
 
     storage = sub.add_parser("storage", help="inspect the data directory")
     storage_sub = storage.add_subparsers(dest="storage_command", required=True, metavar="ACTION")
@@ -431,6 +544,7 @@ def _fail(message: str) -> NoReturn:
 _EXPECTED = (
     AdminCommandError,
     CommandError,
+    ControlError,
     ConfigError,
     StorageError,
     ValueError,

@@ -23,7 +23,7 @@ from villaged.config import (
     read_section,
 )
 from villaged.config.loader import MAX_CONFIG_BYTES
-from villaged.config.model import not_a_key, parse_endpoint, setting
+from villaged.config.model import ClusterConfig, not_a_key, parse_endpoint, setting
 
 MINIMAL = """\
 [server]
@@ -75,6 +75,11 @@ def test_minimal_config_takes_every_default(tmp_path: Path) -> None:
         ),
         listeners=ListenersConfig(),
         log=LogConfig(level="info"),
+        cluster=ClusterConfig(
+            ca_file=tmp_path / "cluster/ca.crt",
+            cert_file=tmp_path / "cluster/node.crt",
+            key_file=tmp_path / "cluster/node.key",
+        ),
         source=tmp_path / "x.toml",
     )
     assert not any(listener.enabled for listener in config.listeners.by_name().values())
@@ -253,12 +258,12 @@ def test_empty_file_says_what_is_missing(tmp_path: Path) -> None:
         (
             "colour = 1\n" + MINIMAL,
             'unknown key "colour" (known: server, tls, storage, listeners, c2s, websocket, log,'
-            " admin, monitor, backup, federation)",
+            " admin, monitor, backup, federation, cluster)",
         ),
         (
             "source = 'x.toml'\n" + MINIMAL,
             'unknown key "source" (known: server, tls, storage, listeners, c2s, websocket, log,'
-            " admin, monitor, backup, federation)",
+            " admin, monitor, backup, federation, cluster)",
         ),
         (
             MINIMAL + "[storage]\nsegment_size = 1\n",

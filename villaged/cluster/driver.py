@@ -114,7 +114,10 @@ class GroupApplication(Protocol):
         """Replace the whole state by a snapshot's data."""
 
     def snapshot(self) -> bytes:
-        """The state as of the last applied entry (for :meth:`NodeDriver.compact`)."""
+        """The state as of the last applied entry (for :meth:`NodeDriver.compact`).
+
+        An application may also have ``applied_through(index)``: called after each Ready's
+        committed entries (DATA or not) and snapshots, with the index now applied."""
 
 
 class ProposalLostError(RaftError):
@@ -316,6 +319,9 @@ class NodeDriver:
         application = self._applications[name]
         if state.snapshot is not None:
             application.restore(state.snapshot.data)
+            progress = getattr(application, "applied_through", None)
+            if progress is not None:
+                progress(state.snapshot.index)
         return _Group(name, node, storage, application)
 
     async def _tick_loop(self) -> None:
@@ -408,6 +414,9 @@ class NodeDriver:
             group.application.restore(ready.snapshot.data)
             for index in [i for i in group.waiters if i <= ready.snapshot.index]:
                 self._resolve(group, index, ProposalLostError("a snapshot replaced the log"))
+        progress = getattr(group.application, "applied_through", None)
+        if ready.snapshot is not None and progress is not None:
+            progress(ready.snapshot.index)
         for entry in ready.committed:
             if entry.kind is EntryKind.DATA:
                 group.application.apply(entry)
@@ -421,6 +430,8 @@ class NodeDriver:
                     if lost
                     else None,
                 )
+        if ready.committed and progress is not None:
+            progress(ready.committed[-1].index)  # config and no-op entries count too
         group.node.advance(ready)
 
     def _maybe_compact(self) -> None:
@@ -537,6 +548,9 @@ class NodeDriver:
 
     def leader(self, group_name: str) -> str | None:
         return self._groups[group_name].node.leader
+
+    def commit_index(self, group_name: str) -> int:
+        return self._groups[group_name].node.commit
 
     def status(self) -> dict[str, GroupStatus]:
         result: dict[str, GroupStatus] = {}

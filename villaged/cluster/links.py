@@ -1,4 +1,5 @@
-"""Peer links: Raft messages between the nodes of one cluster, over mutual TLS.
+"""Peer links: Raft messages and application frames between the nodes of one cluster, over
+mutual TLS.
 
 This module owns the cluster's connections: one *outbound* connection per peer, which only
 carries messages to that peer, and the *inbound* listener, whose connections only carry
@@ -25,6 +26,12 @@ name the same node and cluster. Every envelope's ``sender`` must be that node --
 speak for another -- and each message goes to ``deliver`` (the driver's, non-blocking). A
 connection silent for ``idle_timeout`` (heartbeats flow every tick) or sending a bad frame is
 closed, and at most ``max_inbound`` connections are served at once.
+
+Application frames (:meth:`PeerLinks.send_app`: forwarded proposals, session locations,
+stanzas for a session elsewhere) share the peer's queue and its order with the Raft messages
+and go to ``deliver_app`` on the other side. ``on_outbound_up`` is told when a link to a peer
+is established (whatever was announced to it before may have been lost: announce again), and
+``on_inbound_lost`` when a peer's link to us ends (soft state learnt from it is stale).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import logging
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -42,10 +49,12 @@ from villaged.cluster.wire import (
     CLOSED,
     DEFAULT_MAX_FRAME_BYTES,
     NEED_DATA,
+    AppFrame,
     Envelope,
     FrameDecoder,
     Hello,
     WireError,
+    encode_app_frame,
     encode_envelope,
     encode_hello,
 )
@@ -97,7 +106,7 @@ class _Outbound:
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
-        self.queue: deque[Message] = deque()
+        self.queue: deque[Message | tuple[str, Any]] = deque()
         self.wake = trio.Event()
         self.dropped = 0
         self.connected = False
@@ -116,6 +125,9 @@ class PeerLinks:
         server_context: ssl.SSLContext,
         client_context: ssl.SSLContext,
         deliver: Callable[[Message], None],
+        deliver_app: Callable[[str, AppFrame], None] | None = None,
+        on_outbound_up: Callable[[str], None] | None = None,
+        on_inbound_lost: Callable[[str], None] | None = None,
         config: LinkConfig | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -125,6 +137,9 @@ class PeerLinks:
         self._server_context = server_context
         self._client_context = client_context
         self._deliver = deliver
+        self._deliver_app = deliver_app
+        self._on_outbound_up = on_outbound_up
+        self._on_inbound_lost = on_inbound_lost
         self._rng = rng or random.Random()  # backoff jitter, not a secret
         self._outbound = {
             peer_id: _Outbound(peer) for peer_id, peer in peers.items() if peer_id != node_id
@@ -133,6 +148,7 @@ class PeerLinks:
         self.refused_inbound = 0
         self.accepted_inbound = 0
         self._inbound = 0  # inbound connections now (handshaking or linked)
+        self._inbound_from: dict[str, int] = {}  # linked inbound connections by peer
         self.received = 0
         self.unroutable = 0
 
@@ -140,22 +156,38 @@ class PeerLinks:
 
     def send(self, message: Message) -> None:
         """Queue ``message`` for its peer (never blocks; drops the oldest when full)."""
-        outbound = self._outbound.get(message.to)
+        self._queue(message.to, message)
+
+    def send_app(self, peer_id: str, kind: str, body: Any) -> bool:
+        """Queue an application frame for ``peer_id`` (never blocks; drops the oldest queued
+        item when full). False if ``peer_id`` is not a peer."""
+        return self._queue(peer_id, (kind, body))
+
+    def peers(self) -> list[str]:
+        return sorted(self._outbound)
+
+    def _queue(self, peer_id: str, item: Message | tuple[str, Any]) -> bool:
+        outbound = self._outbound.get(peer_id)
         if outbound is None:
             self.unroutable += 1
-            return
+            return False
         queue = outbound.queue
         if len(queue) >= self.config.send_queue_messages:
             queue.popleft()
             outbound.dropped += 1
-        queue.append(message)
+        queue.append(item)
         outbound.wake.set()
+        return True
 
     def dropped(self, peer_id: str) -> int:
         return self._outbound[peer_id].dropped
 
     def connected(self, peer_id: str) -> bool:
         return self._outbound[peer_id].connected
+
+    def inbound_linked(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` has a link to us now."""
+        return self._inbound_from.get(peer_id, 0) > 0
 
     def connects(self, peer_id: str) -> int:
         """How many times the outbound link to ``peer_id`` was established."""
@@ -206,6 +238,8 @@ class PeerLinks:
                 linked_at = trio.current_time()
                 outbound.connected = True
                 outbound.connects += 1
+                if self._on_outbound_up is not None:
+                    self._on_outbound_up(peer.node_id)
                 try:
                     async with stream, trio.open_nursery() as nursery:
                         nursery.start_soon(self._pump, outbound, stream)
@@ -260,17 +294,19 @@ class PeerLinks:
                 await outbound.wake.wait()
                 continue
             chunks: list[bytes] = []
+            limit = self.config.max_frame_bytes
             while queue and len(chunks) < _SEND_BATCH_MESSAGES:
-                message = queue.popleft()
+                item = queue.popleft()
                 try:
-                    chunks.append(
-                        encode_envelope(message, max_frame_bytes=self.config.max_frame_bytes)
-                    )
-                except ValueError:
+                    if isinstance(item, tuple):
+                        chunks.append(encode_app_frame(*item, max_frame_bytes=limit))
+                    else:
+                        chunks.append(encode_envelope(item, max_frame_bytes=limit))
+                except (ValueError, TypeError):
                     outbound.dropped += 1  # larger than a frame may be: a bug upstream
                     logger.error(
-                        "dropped a raft message too large for a frame",
-                        extra={"event": "cluster.message_too_large", "peer": message.to},
+                        "dropped a message that cannot be framed",
+                        extra={"event": "cluster.message_too_large", "peer": outbound.peer.node_id},
                     )
             if chunks:
                 with trio.fail_after(self.config.write_timeout):
@@ -312,6 +348,17 @@ class PeerLinks:
             )
             return
         self.accepted_inbound += 1
+        self._inbound_from[peer_id] = self._inbound_from.get(peer_id, 0) + 1
+        try:
+            await self._receive_logging(stream, decoder, peer_id)
+        finally:
+            self._inbound_from[peer_id] -= 1
+            if self._on_inbound_lost is not None:
+                self._on_inbound_lost(peer_id)
+
+    async def _receive_logging(
+        self, stream: trio.SSLStream[trio.SocketStream], decoder: FrameDecoder, peer_id: str
+    ) -> None:
         try:
             await self._receive(stream, decoder, peer_id)
         except (
@@ -342,6 +389,9 @@ class PeerLinks:
             elif isinstance(frame, Envelope) and frame.message.sender == peer_id:
                 self.received += 1
                 self._deliver(frame.message)
+            elif isinstance(frame, AppFrame) and self._deliver_app is not None:
+                self.received += 1
+                self._deliver_app(peer_id, frame)
             else:
                 raise LinkRefusedError(f"{peer_id} sent {frame!r} on an established link")
 

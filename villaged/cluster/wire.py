@@ -6,7 +6,10 @@ it travels (no sockets, no clock: :mod:`villaged.cluster.links` moves the bytes)
 Every frame is ``version u8 | length u32 (big-endian) | payload``, the payload one msgpack map:
 
 * the hello, sent first by both ends: ``{"hello": node_id, "cluster": cluster_id}``;
-* a Raft message: ``{"g": group, "m": raft.message_to_wire(message)}``.
+* a Raft message: ``{"g": group, "m": raft.message_to_wire(message)}``;
+* an application frame: ``{"a": kind, "b": body}`` -- everything else nodes tell each other
+  (forwarded proposals and their outcomes, session locations, stanzas for a session). The
+  body is plain msgpack data; its meaning and its checks belong to whoever handles ``kind``.
 
 :class:`FrameDecoder` is fed bytes as they arrive (``receive_data``; ``b""`` is the end of
 input) and hands out one decoded frame at a time (``next_frame`` → :class:`Hello`,
@@ -41,6 +44,7 @@ __all__ = [
     "HEADER",
     "NEED_DATA",
     "WIRE_VERSION",
+    "AppFrame",
     "BadVersionError",
     "Envelope",
     "FrameDecoder",
@@ -50,6 +54,7 @@ __all__ = [
     "Signal",
     "TruncatedFrameError",
     "WireError",
+    "encode_app_frame",
     "encode_envelope",
     "encode_frame",
     "encode_hello",
@@ -102,7 +107,16 @@ class Envelope:
     message: Message
 
 
-Frame = Hello | Envelope
+@dataclass(frozen=True, slots=True)
+class AppFrame:
+    kind: str
+    body: Any
+
+
+Frame = Hello | Envelope | AppFrame
+
+#: An application frame's kind: short, printable, dotted (``"fwd.propose"``).
+MAX_KIND_CHARS: Final = 32
 
 
 def encode_frame(
@@ -123,6 +137,24 @@ def encode_envelope(message: Message, *, max_frame_bytes: int = DEFAULT_MAX_FRAM
     return encode_frame(
         {"g": message.group, "m": message_to_wire(message)}, max_frame_bytes=max_frame_bytes
     )
+
+
+def encode_app_frame(
+    kind: str, body: Any, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> bytes:
+    """ValueError if ``kind`` is not a valid kind or the frame exceeds the limit."""
+    _check_kind(kind)
+    return encode_frame({"a": kind, "b": body}, max_frame_bytes=max_frame_bytes)
+
+
+def _check_kind(kind: object) -> None:
+    if (
+        not isinstance(kind, str)
+        or not 0 < len(kind) <= MAX_KIND_CHARS
+        or not all(c.isalnum() or c in "._-" for c in kind)
+        or not kind.isascii()
+    ):
+        raise ValueError(f"bad application frame kind {kind!r}")
 
 
 class FrameDecoder:
@@ -192,7 +224,7 @@ MAX_MAP_LEN: Final = 64
 
 
 def parse_payload(payload: bytes) -> Frame:
-    """A frame's payload as a :class:`Hello` or an :class:`Envelope`."""
+    """A frame's payload as a :class:`Hello`, an :class:`Envelope` or an :class:`AppFrame`."""
     try:
         # Bounded containers: a frame of tiny entries must not become millions of objects
         # (the raft layer takes at most 4096 entries a message anyway).
@@ -212,6 +244,14 @@ def parse_payload(payload: bytes) -> Frame:
         if not isinstance(node_id, str) or not node_id or not isinstance(cluster_id, str):
             raise MalformedFrameError("hello needs string 'hello' and 'cluster'")
         return Hello(node_id, cluster_id)
+    if "a" in obj:
+        kind = obj.get("a")
+        try:
+            _check_kind(kind)
+        except ValueError as exc:
+            raise MalformedFrameError(str(exc)) from None
+        assert isinstance(kind, str)
+        return AppFrame(kind, obj.get("b"))
     group, wire = obj.get("g"), obj.get("m")
     if not isinstance(group, str) or not isinstance(wire, dict):
         raise MalformedFrameError("frame is neither a hello nor a raft envelope")

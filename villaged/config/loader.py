@@ -58,6 +58,20 @@ def load_config(path: Path) -> Config:
     """Read and validate the TOML file at ``path``; relative paths start at its directory."""
     document = _read_toml(path)
     config = read_section(Config, document, file=path, base_dir=path.absolute().parent)
+    cluster = config.cluster
+    if cluster.enabled and cluster.member(config.server.node) is None:
+        raise ConfigError(
+            path,
+            f'this node ("{config.server.node}", [server] node) is not one of the'
+            f" [[cluster.nodes]] ({', '.join(n.id for n in cluster.nodes)})",
+            key="cluster.nodes",
+        )
+    if cluster.enabled and config.federation.enabled:
+        raise ConfigError(
+            path,
+            "federation is not available on a cluster node yet ([cluster] enabled = true)",
+            key="federation.enabled",
+        )
     return replace(config, source=path)
 
 

@@ -599,6 +599,82 @@ class BackupConfig:
     keyset_recipient: Path | None = None
 
 
+_ZONE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_ZONE_FORM = 'a zone name of 1 to 63 characters from a-z, 0-9 and "-"'
+_CLUSTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def parse_zone(text: str) -> str:
+    if not _ZONE.fullmatch(text):
+        raise ValueError("not a zone name")
+    return text
+
+
+def parse_cluster_id(text: str) -> str:
+    if not _CLUSTER_ID.fullmatch(text):
+        raise ValueError("not a cluster id")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterNodeConfig:
+    """``[[cluster.nodes]]``: one member of the cluster, the same list on every node."""
+
+    id: str = field(metadata=setting(form=_NODE_FORM, parse=parse_node_name))
+    #: Where the node's cluster listener is reached by the other nodes.
+    address: Endpoint = field(metadata=setting(form=_ENDPOINT_FORM, parse=parse_endpoint))
+    zone: str = field(metadata=setting(form=_ZONE_FORM, parse=parse_zone))
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``[cluster]``: this node as one member of a cluster serving the domain
+    (villaged.cluster). This node is the member whose id is ``[server] node``."""
+
+    enabled: bool = False
+    #: Sent in every link's hello: nodes of two clusters never link by mistake.
+    id: str = field(
+        default="villaged",
+        metadata=setting(
+            form="1 to 63 characters from A-Z, a-z, 0-9, ., _ and -", parse=parse_cluster_id
+        ),
+    )
+    ca_file: Path = Path("cluster/ca.crt")
+    cert_file: Path = Path("cluster/node.crt")
+    key_file: Path = Path("cluster/node.key")
+    shards: int = field(default=16, metadata=setting(min=1, max=256))
+    replicas: int = field(default=3, metadata=setting(min=1, max=7))
+    tick_ms: int = field(default=50, metadata=setting(min=5, max=1000))
+    election_ticks: int = field(default=10, metadata=setting(min=3, max=100))
+    #: Compact a shard's log after this many applied entries (its state becomes a snapshot).
+    snapshot_every: int = field(default=10_000, metadata=setting(min=100, max=10_000_000))
+    #: How long a write may wait for its shard to commit it (through a leader election).
+    commit_timeout: int = field(default=10, metadata=setting(min=1, max=300))
+    nodes: tuple[ClusterNodeConfig, ...] = ()
+
+    def validate(self, name: Callable[[str], str]) -> None:
+        if not self.enabled:
+            return
+        if not self.nodes:
+            raise SettingError(name("nodes"), "a cluster needs its [[cluster.nodes]] listed")
+        seen: set[str] = set()
+        for index, node in enumerate(self.nodes):
+            if node.id in seen:
+                raise SettingError(name(f"nodes[{index}].id"), f'"{node.id}" is listed twice')
+            seen.add(node.id)
+        if self.replicas != len(self.nodes):
+            # Every node serves every user from its own replica of every shard: until nodes
+            # can follow shards they do not vote in, each node must replicate all of them.
+            raise SettingError(
+                name("replicas"),
+                f"is {self.replicas} but {len(self.nodes)} nodes are listed; in this version "
+                "every node replicates every shard, so replicas must equal the number of nodes",
+            )
+
+    def member(self, node_id: str) -> ClusterNodeConfig | None:
+        return next((n for n in self.nodes if n.id == node_id), None)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration: one field per section, plus the file it came from."""
@@ -614,4 +690,5 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path = field(default=Path("villaged.toml"), metadata=not_a_key())

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
     from villaged.config import Config, FederationConfig, PeerConfig
-    from villaged.storage.store import PendingCommit, Store
+    from villaged.storage.store import Pending, Store
 
 log = logging.getLogger("villaged.federation")
 
@@ -209,7 +209,7 @@ class Federation:
     def permits(self, domain: str) -> bool:
         return self.settings.enabled and domain != self.domain and self.settings.permits(domain)
 
-    async def enqueue(self, sender: JID, stanza: ET.Element, to: JID) -> PendingCommit:
+    async def enqueue(self, sender: JID, stanza: ET.Element, to: JID) -> Pending:
         """Seal ``stanza`` (from the local ``sender``) into ``to``'s domain queue; the commit to
         wait for before the sender may count it as handled. Call `wake` once it is durable."""
         domain = to.domain

@@ -93,7 +93,7 @@ if TYPE_CHECKING:
     from villaged.im.context import ImContext
     from villaged.im.sessions import Session
     from villaged.storage.state import Unseal
-    from villaged.storage.store import PendingCommit
+    from villaged.storage.store import Pending
 
 MESSAGE_RECORD: Final = PAYLOAD_RECORD
 MAX_ENTRIES: Final = 2  # a message touches at most its sender's and its recipient's data
@@ -225,7 +225,7 @@ class PendingDelivery:
     def __init__(self, sender: Session | None) -> None:
         self.sender = sender
         self._replies: list[ET.Element] = []
-        self._commit: PendingCommit | None = None
+        self._commit: Pending | None = None
         self._hand_over: Callable[[], Awaitable[None]] | None = None
         self._release: Callable[[], None] | None = None
 
@@ -245,7 +245,7 @@ class PendingDelivery:
 
     def accepted(
         self,
-        commit: PendingCommit | None,
+        commit: Pending | None,
         hand_over: Callable[[], Awaitable[None]],
         release: Callable[[], None] | None,
     ) -> None:
@@ -466,7 +466,7 @@ class Messages:
         if offline and not self.offline.try_reserve(str(recipient)):
             pending.bounce(message, "service-unavailable", "offline storage is full")
             return
-        commit: PendingCommit | None = None
+        commit: Pending | None = None
         try:
             stamp = self._clock()
             entries: list[dict[str, Any]] = []
@@ -605,7 +605,7 @@ class RemoteQueue(Protocol):
 
     def has_room(self, domain: str) -> bool: ...
 
-    async def enqueue(self, sender: JID, stanza: ET.Element, to: JID) -> PendingCommit:
+    async def enqueue(self, sender: JID, stanza: ET.Element, to: JID) -> Pending:
         """Durably queue ``stanza``; raises `RemoteQueueFullError`."""
         ...
 

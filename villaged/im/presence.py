@@ -117,6 +117,25 @@ class Presence:
         gone = ET.Element(PRESENCE, {"type": "unavailable", "from": str(session.jid)})
         await self._unavailable(session, gone)
 
+    def gone_elsewhere(self, session: Session, here: Callable[[Session], bool]) -> int:
+        """``session`` was on another cluster node, which is gone: this node's own sessions
+        (``here``) that saw it available see it leave. Every node tells its own sessions, so
+        nobody hears it twice. Returns how many were told."""
+        if not session.available:
+            return 0
+        gone = ET.Element(PRESENCE, {"type": "unavailable", "from": str(session.jid)})
+        user = session.jid.bare
+        targets = [s for s in self.ctx.sessions.of_user(user) if s is not session]
+        if self.roster is not None:
+            for contact in self.roster.subscribers(user):
+                targets.extend(self.ctx.sessions.of_user(contact))
+        told = 0
+        for target in targets:
+            if here(target) and target.available:
+                target.send(readdressed(gone, target.jid))
+                told += 1
+        return told
+
     async def from_remote(self, presence: ET.Element, sender: JID, to: JID) -> None:
         """A presence stanza from another domain (federation) to a local JID: subscription
         stanzas go to the roster's state machine (RFC 6121 A.3), probes are answered (§4.3.2),

@@ -791,6 +791,8 @@ class Roster:
         async with contextlib.AsyncExitStack() as stack:
             for stripe in stripes:
                 await stack.enter_async_context(self._locks[stripe])
+            # On a cluster node a change made on another node may not be applied here yet.
+            await self.ctx.store.catch_up(*(str(u) for u in users if self.ctx.is_local(u)))
             yield
 
     async def _commit(self, txn: _Transaction) -> None:

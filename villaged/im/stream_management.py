@@ -36,7 +36,7 @@ from villaged.xmpp.jid import JID, JIDError
 if TYPE_CHECKING:
     from villaged.im.handlers import HandlerRegistry
     from villaged.im.messages import Messages
-    from villaged.storage.store import PendingCommit
+    from villaged.storage.store import Pending
 
 log = logging.getLogger("villaged.im.stream_management")
 
@@ -66,7 +66,7 @@ async def store_unacked(messages: Messages, owner: JID, stanzas: list[ET.Element
         for s in messages.ctx.sessions.of_user(owner.bare)
         if s.available and s.priority >= 0 and s.jid != owner
     ]
-    commits: list[PendingCommit] = []
+    commits: list[Pending] = []
     reserved = 0
     try:
         for stanza in stanzas:

@@ -102,6 +102,11 @@ class TokenBucket:
         return self.tokens >= 0
 
 
+class SessionObserver(Protocol):
+    def announce(self, session: Session) -> None: ...
+    def withdraw(self, session: Session) -> None: ...
+
+
 @dataclass
 class C2SContext:
     """What every client connection needs; built once per node by app.py."""
@@ -132,6 +137,9 @@ class C2SContext:
     # Every running connection (c2s and WebSocket), so that a block can end the blocked
     # address's streams that are still trying to log in.
     live: set[C2SConnection] = field(default_factory=set)
+    # On a cluster node (app.py): tells the other nodes where this node's sessions are and
+    # what they announced (villaged.cluster.sessions.SessionMirror).
+    session_observer: SessionObserver | None = None
 
     # ----- per-address limits, shared by the c2s and WebSocket listeners -------------------
 
@@ -536,6 +544,8 @@ class C2SConnection:
         # Unregistered first: nothing may be routed (or flushed from offline storage) to a
         # session whose unacknowledged stanzas are being put away.
         self.ctx.sessions.remove(session)
+        if self.ctx.session_observer is not None:
+            self.ctx.session_observer.withdraw(session)
         sm = self.stream.sm
         if sm is not None:
             self._forget_resumable()
@@ -707,6 +717,8 @@ class C2SConnection:
                         self.session, event.stanza, event.kind, event.to
                     )
                     self.stream.stanza_handled()
+                    if self.ctx.session_observer is not None:
+                        self.ctx.session_observer.announce(self.session)
             elif isinstance(event, core.AckRequested):
                 # Answered in order: the <a/> covers everything the client sent before <r/>
                 # (as soon as it is durable), so a client need not ask again and again.
@@ -831,6 +843,8 @@ class C2SConnection:
         if replaced is not None:
             replaced.terminate("conflict", "replaced by a new login with the same resource")
         self.session = session
+        if self.ctx.session_observer is not None:
+            self.ctx.session_observer.announce(session)
         self.stream.complete_bind(full)
         if self.ctx.shutting_down:
             self.terminate("system-shutdown", "the server is shutting down")

@@ -348,6 +348,47 @@ class UserKeyVault:
                 keys = self._create(user)
             return self._unwrapped(user, keys, max(keys.wrapped))
 
+    def existing_data_key(self, user: str) -> DataKey | None:
+        """The user's current DEK, or None if the user has none (never makes one). For a
+        cluster node, where DEKs are made by the log (``new_wrapped`` + ``install``)."""
+        _check_user(user)
+        with self._lock:
+            keys = self._load(user)
+            if keys is None:
+                return None
+            return self._unwrapped(user, keys, max(keys.wrapped))
+
+    def new_wrapped(self, user: str) -> dict[int, bytes]:
+        """A fresh DEK for ``user``, wrapped under the keyset and NOT stored: for a cluster,
+        where the wrapped key travels through the user's shard log and every replica stores
+        it with ``install``."""
+        _check_user(user)
+        key_id = _first_data_key_id()
+        material = os.urandom(KEY_BYTES)
+        return {key_id: self._keyset.wrap(material, _dek_associated(user, key_id))}
+
+    def install(self, user: str, wrapped: Mapping[int, bytes]) -> bool:
+        """Store ``user``'s wrapped DEKs durably unless the user has some already (the first
+        install wins). False if kept; KeyFileError if a blob is not a key wrapped under this
+        keyset for this user (nothing is stored then)."""
+        _check_user(user)
+        with self._lock:
+            if self._load(user) is not None:
+                return False
+            for key_id, blob in wrapped.items():
+                self._unwrap(self._path(user), user, key_id, blob)  # checks before storing
+            copy = dict(wrapped)
+            _write_private_file(self._path(user), _vault_bytes(user, copy), "key vault file")
+            self._users[user] = _UserKeys(copy)
+            return True
+
+    def export(self, user: str) -> dict[int, bytes] | None:
+        """The user's wrapped DEKs as stored (for a cluster snapshot), or None."""
+        _check_user(user)
+        with self._lock:
+            keys = self._load(user)
+            return None if keys is None else dict(keys.wrapped)
+
     def cached_data_key(self, user: str) -> DataKey | None:
         """The user's current DEK if it is already in memory, else None; never touches a file
         and never waits for the lock (a worker thread holding it may be writing a file), so

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence
     from pathlib import Path
 
+    from villaged.cluster.replicated import Replicator
     from villaged.config.model import StorageConfig
 
 FORMAT: Final = "villaged-storage 1"
@@ -68,15 +69,19 @@ class StoreOptions:
     segment_bytes: int = 64 * 2**20
     max_record_bytes: int = 2**20
     snapshot_every: int = 100_000
+    #: A cluster node: records go through the shards' Raft logs (villaged.cluster.replicated),
+    #: the views are rebuilt from those, and data keys come from the log, never made here.
+    replicated: bool = False
 
     @classmethod
-    def from_config(cls, config: StorageConfig) -> StoreOptions:
+    def from_config(cls, config: StorageConfig, *, replicated: bool = False) -> StoreOptions:
         return cls(
             directory=config.dir,
             keyset=config.keyset,
             segment_bytes=config.segment_bytes,
             max_record_bytes=config.max_record_bytes,
             snapshot_every=config.snapshot_every,
+            replicated=replicated,
         )
 
 
@@ -118,6 +123,8 @@ class Store:
         self._sealed_here: dict[str, tuple[Mapping[str, Any], bytes]] = {}
         # The log's writer applies each batch as it becomes durable (see ``submit``).
         segment_log.on_durable = self._on_durable
+        #: A cluster node's path into the shards (set by the node before it serves).
+        self.replicator: Replicator | None = None
 
     # ----- opening -------------------------------------------------------------------------
 
@@ -145,8 +152,9 @@ class Store:
             os.close(lock_fd)
             raise
         store = cls(options, lock_fd, segment_log, vault, state)
-        store._finish_pending_shredding()
-        store._report_unreadable_accounts()
+        if not options.replicated:  # a cluster node's accounts come from the shards, later
+            store._finish_pending_shredding()
+            store._report_unreadable_accounts()
         return store
 
     def close(self) -> None:
@@ -190,7 +198,10 @@ class Store:
         record_id = crypto.new_record_id()
         key = self.vault.cached_data_key(user)
         if key is None:
-            key = await trio.to_thread.run_sync(self.vault.data_key, user)
+            if self.replicator is not None:
+                key = await self.replicator.ensure_key(user)
+            else:
+                key = await trio.to_thread.run_sync(self.vault.data_key, user)
         else:
             await trio.lowlevel.checkpoint()
         envelope = crypto.seal_with(key, rtype, record_id, plaintext)
@@ -240,7 +251,7 @@ class Store:
         pending = await self.submit(record)
         return await pending.wait()
 
-    async def submit(self, record: Record) -> PendingCommit:
+    async def submit(self, record: Record) -> Pending:
         """The first half of ``commit``: validate ``record`` and hand it to the log, which
         gives it the next index; ``PendingCommit.wait`` is the second half.
 
@@ -252,10 +263,20 @@ class Store:
         """
         self._check_usable()
         self.state.validate(record.type, record.version, record.body)
+        if self.replicator is not None:
+            await trio.lowlevel.checkpoint()
+            return self.replicator.submit(record)
         appended = await self.log.submit(record)
         # No checkpoint since the log framed it: the writer cannot have written it yet.
         self._unapplied[appended.index] = record
         return PendingCommit(self, appended, record)
+
+    async def catch_up(self, *users: str) -> None:
+        """On a cluster node: wait until this node has applied whatever the users' shards had
+        committed (a write made on another node is visible here after this). Single node:
+        everything committed is applied already."""
+        if self.replicator is not None:
+            await self.replicator.catch_up(users)
 
     def _on_durable(self, last_index: int) -> None:
         # The log's writer calls this with each newly durable batch (see SegmentLog).
@@ -362,7 +383,11 @@ class Store:
         async with self._account_lock:
             if jid in self.state.accounts:
                 raise UserExistsError(f"user {jid} already exists")
-            await self._write_credentials(ACCOUNT_CREATE, jid, password)
+            record_id = await self._write_credentials(ACCOUNT_CREATE, jid, password)
+            account = self.state.accounts.get(jid)
+            if account is None or account.sealed_id != record_id:
+                # In a cluster another node created it meanwhile; its create came first.
+                raise UserExistsError(f"user {jid} already exists")
 
     async def set_password(self, jid: str, password: str) -> None:
         async with self._account_lock:
@@ -386,7 +411,7 @@ class Store:
             return None
         return account.secrets.credentials
 
-    async def _write_credentials(self, rtype: str, jid: str, password: str) -> None:
+    async def _write_credentials(self, rtype: str, jid: str, password: str) -> str:
         secrets = await trio.to_thread.run_sync(_derive_secrets, password)
         account = self.state.accounts.get(jid)
         if rtype == ACCOUNT_PASSWORD and account is not None and account.secrets is not None:
@@ -396,6 +421,17 @@ class Store:
             secrets = AccountSecrets(account.secrets.created, secrets.credentials)
         body = await self.sealed_body(rtype, jid, pack_account_secrets(secrets))
         await self.commit(Record(rtype, body))
+        return str(body["id"])
+
+
+class Pending(Protocol):
+    """A record on its way into the log (a local one, or a cluster's shards)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def durable(self) -> bool: ...
+    async def wait(self) -> int: ...
 
 
 class PendingCommit:

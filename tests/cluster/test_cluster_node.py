@@ -1,0 +1,151 @@
+"""Three cluster nodes in one process (each built by app.run_node, as `villaged run` does, with
+real mutual-TLS links on loopback): accounts and messages written on one node are committed to
+the user's shard and read on the others, and a user's sessions are reachable from every node."""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import TYPE_CHECKING
+
+import trio
+
+from tests.cluster.harness import wait_until, write_cluster
+from tests.net.rawclient import RawClient
+from villaged.app import run_node
+from villaged.cluster.sessions import RemoteSession
+from villaged.config import load_config
+from villaged.im.roster import RosterView
+
+if TYPE_CHECKING:
+    import xml.etree.ElementTree as ET
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from villaged.app import Node
+
+PING = b"<iq type='get' id='sync'><ping xmlns='urn:xmpp:ping'/></iq>"
+
+
+@contextlib.asynccontextmanager
+async def cluster_of_three(
+    tmp_path: Path, users: tuple[str, ...] = ()
+) -> AsyncIterator[list[Node]]:
+    files = write_cluster(tmp_path)
+    nodes: list[Node] = []
+    async with trio.open_nursery() as nursery:
+        for config in [load_config(f.config) for f in files]:
+            nodes.append(await nursery.start(partial(run_node, config, handle_signals=False)))
+        await wait_until(
+            lambda: all(n.cluster is not None and n.cluster.has_quorum() for n in nodes),
+            20,
+            "every group has a leader",
+        )
+        for user in users:
+            await nodes[0].store.add_user(f"{user}@localhost", f"{user}-password")
+        yield nodes
+        nursery.cancel_scope.cancel()
+
+
+async def login(node: Node, user: str, resource: str = "test") -> RawClient:
+    port = node.config.listeners.c2s_tls.bind[0].port
+    client = await RawClient.connect(port, node.config.tls.cert, direct_tls=True)
+    await client.login(user, f"{user}-password", starttls=False, resource=resource)
+    return client
+
+
+async def synced(client: RawClient) -> list[ET.Element]:
+    """Everything the client got before the answer to a ping (sent now)."""
+    await client.send(PING)
+    got = []
+    while (element := await client.element()).get("id") != "sync":
+        got.append(element)
+    return got
+
+
+def message(to: str, body: str) -> bytes:
+    return f"<message to='{to}' type='chat' id='{body}'><body>{body}</body></message>".encode()
+
+
+def bodies(elements: list[ET.Element]) -> list[str]:
+    return [b for e in elements if (b := e.findtext("{jabber:client}body")) is not None]
+
+
+async def test_accounts_created_on_one_node_exist_on_all(tmp_path: Path) -> None:
+    async with cluster_of_three(tmp_path) as nodes:
+        await nodes[0].store.add_user("alice@localhost", "alice-password")
+        await nodes[2].store.add_user("bob@localhost", "bob-password")
+        # The writer's own node has applied its write when add_user returns.
+        assert "bob@localhost" in nodes[2].store.state.accounts
+        await wait_until(
+            lambda: all(len(n.store.state.accounts) == 2 for n in nodes), 5, "replicated"
+        )
+        # Every node can log the users in: their data keys came through the shards too.
+        for node in nodes:
+            await (await login(node, "alice")).aclose()
+
+
+async def test_a_message_sent_on_one_node_waits_offline_for_a_login_on_another(
+    tmp_path: Path,
+) -> None:
+    async with cluster_of_three(tmp_path, ("alice", "bob")) as nodes:
+        alice = await login(nodes[1], "alice")
+        for n in range(20):
+            await alice.send(message("bob@localhost", f"m{n}"))
+        await synced(alice)
+        bob = await login(nodes[2], "bob")
+        await bob.send(b"<presence/>")
+        got: list[str] = []
+        with trio.fail_after(10):
+            while len(got) < 20:
+                got += bodies([await bob.element()])
+        assert got == [f"m{n}" for n in range(20)]
+        await alice.aclose()
+        await bob.aclose()
+
+
+async def test_sessions_on_other_nodes_get_messages_and_presence(tmp_path: Path) -> None:
+    async with cluster_of_three(tmp_path, ("alice", "bob")) as nodes:
+        alice = await login(nodes[0], "alice")
+        bob = await login(nodes[1], "bob")
+        # Mutual subscription, across nodes.
+        # (Each side answers after the request was handled; the other node reads it even if it
+        # arrives before that node applied the request: roster changes wait for their shards.)
+        await alice.send(b"<presence to='bob@localhost' type='subscribe'/>")
+        await synced(alice)
+        await bob.send(b"<presence to='alice@localhost' type='subscribed'/>")
+        await bob.send(b"<presence to='alice@localhost' type='subscribe'/>")
+        await synced(bob)
+        await alice.send(b"<presence to='bob@localhost' type='subscribed'/>")
+        await synced(alice)
+        for node in nodes:
+            roster = node.store.state.view(RosterView.name)
+            assert isinstance(roster, RosterView)
+            for user, contact in (("alice", "bob"), ("bob", "alice")):
+                entry = roster.entry(f"{user}@localhost", f"{contact}@localhost")
+                assert entry is not None
+                assert entry.state.subscription == "both"
+        await alice.send(b"<presence/>")
+        await bob.send(b"<presence/>")
+        await wait_until(
+            lambda: all(len([s for s in n.sessions.all() if s.available]) == 2 for n in nodes),
+            5,
+            "every node sees both sessions available",
+        )
+        await synced(alice)
+        await alice.send(message("bob@localhost/test", "live"))
+        with trio.fail_after(5):
+            while "live" not in bodies([await bob.element()]):
+                pass
+        # bob logs out on his node: alice, on another, sees him leave.
+        assert any(isinstance(s, RemoteSession) for s in nodes[0].sessions.all())
+        await bob.send(b"<presence type='unavailable'/>")
+        with trio.fail_after(5):
+            while True:
+                element = await alice.element()
+                if element.get("type") == "unavailable" and element.get("from", "").startswith(
+                    "bob@localhost"
+                ):
+                    break
+        await alice.aclose()
+        await bob.aclose()

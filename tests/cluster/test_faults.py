@@ -1,0 +1,181 @@
+"""Real processes, real faults: three (or five) `villaged run` nodes in distinct zones on
+loopback, every link through a fault proxy, clients sending with XEP-0198 acks while the test
+SIGKILLs a follower, SIGKILLs a shard leader, cuts a leader off, or kills a whole zone. After
+healing, every acknowledged message is in the recipient's archive on every node, and the
+recipient's offline queue hands each one over exactly once; writes resume within 5 s of a
+leader's loss."""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from tests.cluster.running import AckedSender, RunningCluster
+from tests.e2e.test_durability import archived_bodies
+from villaged.cluster.placement import group_of
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+
+    from tests.net.rawclient import RawClient
+
+#: Messages per sender: below the recipient's offline queue bound (500).
+LIMIT = 450
+RESUME_S = 5.0
+PING = b"<iq type='get' id='sync'><ping xmlns='urn:xmpp:ping'/></iq>"
+
+
+@pytest.fixture
+async def short_root() -> AsyncIterator[Path]:
+    # Unix socket paths (the control socket in each data dir) must stay under 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="vc-") as root:
+        yield Path(root)
+
+
+async def offline_flush(client: RawClient) -> list[str]:
+    """Bodies the offline queue hands over on initial presence, up to a ping's answer."""
+    await client.send(b"<presence/>")
+    await client.send(PING)
+    got: list[str] = []
+    for _ in range(LIMIT * 4):
+        element = await client.element()
+        if element.get("id") == "sync":
+            return got
+        body = element.findtext("{jabber:client}body")
+        if element.tag == "{jabber:client}message" and body is not None:
+            got.append(body)
+    raise AssertionError("the offline flush did not end")
+
+
+async def check_delivered(cluster: RunningCluster, senders: Sequence[AckedSender]) -> None:
+    """Every acked message is in the recipient's archive on every live node (each node reads
+    its own replica) and is delivered exactly once; nothing is delivered twice."""
+    for sender in senders:
+        acked = {body for body, _ in sender.acked}
+        assert acked, f"{sender.user} got no acknowledgement at all"
+        user = sender.to.split("@")[0]
+        for node_id in cluster.alive():
+            client = await cluster.login(node_id, user, f"mam-{node_id}")
+            with trio.fail_after(20):
+                while True:  # a node that was down or cut off may still be catching up
+                    counts = collections.Counter(
+                        b for b in await archived_bodies(client) if b.startswith(sender.prefix)
+                    )
+                    if acked <= set(counts):
+                        break
+                    await trio.sleep(0.2)
+            assert max(counts.values()) == 1, f"{node_id}: archived twice"
+            await client.aclose()
+        client = await cluster.login(cluster.alive()[0], user, "reader")
+        delivered = [b for b in await offline_flush(client) if b.startswith(sender.prefix)]
+        await client.aclose()
+        assert len(delivered) == len(set(delivered)), "a message was delivered twice"
+        assert acked <= set(delivered), f"lost: {sorted(acked - set(delivered))[:5]}"
+
+
+def resumed_within(sender: AckedSender, since: float) -> float:
+    """Seconds from ``since`` to the first ack after it."""
+    after = [t for _, t in sender.acked if t > since]
+    assert after, "no write was acknowledged after the fault"
+    return min(after) - since
+
+
+async def test_sigkill_a_follower_then_a_shard_leader(short_root: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = RunningCluster(short_root, ("a", "b", "c"), nursery)
+        await cluster.start()
+        await cluster.add_users(["alice", "bob", "carol", "dave"])
+        leader = await cluster.leader_of(group_of("bob@localhost"))
+        others = [n for n in cluster.alive() if n != leader]
+        senders = [
+            AckedSender(cluster, "alice", "bob@localhost", others, "a", pause_s=0.1),
+            AckedSender(
+                cluster, "carol", "dave@localhost", list(reversed(others)), "c", pause_s=0.1
+            ),
+        ]
+        stop = trio.Event()
+        async with trio.open_nursery() as sending:
+            for sender in senders:
+                sending.start_soon(sender.run, stop, LIMIT)
+            await trio.sleep(1.5)
+            # (a) a follower of bob's shard: the senders' writes go on.
+            follower = others[1]
+            await cluster.kill(follower)
+            acked_before = len(senders[0].acked)
+            await trio.sleep(1.5)
+            assert len(senders[0].acked) > acked_before, "writes stopped with a follower gone"
+            await cluster.start_node(follower)
+            await cluster.wait_ready([follower])
+            # (b) the leader of bob's shard.
+            killed_at = trio.current_time()
+            await cluster.kill(leader)
+            await trio.sleep(RESUME_S + 1)
+            resumed = resumed_within(senders[0], killed_at)
+            print(f"writes resumed {resumed:.2f} s after the fault")
+            assert resumed < RESUME_S, f"writes resumed after {resumed:.1f} s"
+            await cluster.start_node(leader)
+            await cluster.wait_ready([leader])
+            await trio.sleep(1)
+            stop.set()
+        await check_delivered(cluster, senders)
+        await cluster.stop_all()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_leader_cut_off_from_the_others(short_root: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = RunningCluster(short_root, ("a", "b", "c"), nursery)
+        await cluster.start()
+        await cluster.add_users(["alice", "bob"])
+        leader = await cluster.leader_of(group_of("bob@localhost"))
+        others = [n for n in cluster.alive() if n != leader]
+        sender = AckedSender(cluster, "alice", "bob@localhost", others, "a", pause_s=0.05)
+        stop = trio.Event()
+        async with trio.open_nursery() as sending:
+            sending.start_soon(sender.run, stop, LIMIT)
+            await trio.sleep(1.5)
+            cut_at = trio.current_time()
+            cluster.isolate(leader)
+            await trio.sleep(RESUME_S + 1)
+            resumed = resumed_within(sender, cut_at)
+            print(f"writes resumed {resumed:.2f} s after the fault")
+            assert resumed < RESUME_S, f"writes resumed after {resumed:.1f} s"
+            new_leader = await cluster.leader_of(group_of("bob@localhost"))
+            assert new_leader != leader
+            cluster.heal()
+            await trio.sleep(2)
+            stop.set()
+        # The old leader is a follower again and has every acknowledged message.
+        await check_delivered(cluster, [sender])
+        await cluster.stop_all()
+        nursery.cancel_scope.cancel()
+
+
+async def test_losing_a_whole_zone_of_a_five_node_cluster(short_root: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = RunningCluster(short_root, ("a", "a", "b", "b", "c"), nursery)
+        await cluster.start()
+        await cluster.add_users(["alice", "bob"])
+        zone_a = ["n1", "n2"]
+        survivors = ["n3", "n4", "n5"]
+        sender = AckedSender(cluster, "alice", "bob@localhost", survivors, "a", pause_s=0.05)
+        stop = trio.Event()
+        async with trio.open_nursery() as sending:
+            sending.start_soon(sender.run, stop, LIMIT)
+            await trio.sleep(1.5)
+            lost_at = trio.current_time()
+            for node_id in zone_a:
+                await cluster.kill(node_id)
+            await trio.sleep(RESUME_S + 1)
+            resumed = resumed_within(sender, lost_at)
+            print(f"writes resumed {resumed:.2f} s after the fault")
+            assert resumed < RESUME_S, f"writes resumed after {resumed:.1f} s"
+            stop.set()
+        await check_delivered(cluster, [sender])
+        await cluster.stop_all()
+        nursery.cancel_scope.cancel()

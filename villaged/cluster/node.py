@@ -1,0 +1,361 @@
+"""A node's cluster side, wired: links, the Raft driver, the replicated store, session mirror.
+
+This module owns the assembly of :mod:`villaged.cluster`'s parts for one running node, built
+from ``[cluster]`` (app.py calls :meth:`ClusterNode.build` and runs :meth:`ClusterNode.run` in
+the store's nursery, so the groups outlive every client connection): the mutual-TLS
+:class:`~villaged.cluster.links.PeerLinks` and their listener, the
+:class:`~villaged.cluster.driver.NodeDriver` with the meta group and every shard this node
+replicates, the :class:`~villaged.cluster.replicated.Replicator` the store writes through, and
+the session mirror that makes other nodes' sessions routable here. Application frames from
+peers are dispatched by kind. It also answers what operators ask: the status document
+(``villaged cluster status``) and whether the node can serve (every group has a leader).
+
+Start-up order matters: the driver restores every group, the node applies what its log says
+was committed (so a restarted node never serves older state than it acknowledged), and only
+then does app.py open the client listeners.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from villaged.cluster import pki
+from villaged.cluster.driver import DriverConfig, NodeDriver
+from villaged.cluster.links import LinkConfig, Peer, PeerLinks
+from villaged.cluster.placement import META_GROUP, Member, place
+from villaged.cluster.raft import RaftError
+from villaged.cluster.replicated import (
+    MetaApplication,
+    ReplicatedState,
+    Replicator,
+    ShardApplication,
+)
+from villaged.ops.control import ControlError
+from villaged.storage.errors import StorageError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from villaged.cluster.driver import GroupApplication
+    from villaged.cluster.wire import AppFrame
+    from villaged.config.model import Config
+    from villaged.ops.control import Handler
+    from villaged.storage.store import Store
+
+__all__ = ["ClusterNode", "ClusterStartupError"]
+
+log = logging.getLogger("villaged.cluster")
+
+#: How long start-up waits to apply what the log says is committed before serving anyway.
+CATCH_UP_SECONDS: Final = 60.0
+#: A peer whose link to us stays down this long is gone: its sessions are dropped here.
+PEER_GRACE_SECONDS: Final = 3.0
+#: How often the links' drop counters are checked (a dropped frame may have been soft state
+#: that must be announced again).
+RESYNC_CHECK_SECONDS: Final = 5.0
+
+
+class ClusterStartupError(Exception):
+    """The cluster side cannot start (the message names the key or file at fault)."""
+
+
+@dataclass
+class FrameRoute:
+    prefix: str
+    handle: Callable[[str, AppFrame], None]
+
+
+@dataclass
+class ClusterNode:
+    config: Config
+    node_id: str
+    driver: NodeDriver
+    links: PeerLinks
+    shared: ReplicatedState
+    replicator: Replicator
+    meta: MetaApplication
+    routes: list[FrameRoute] = field(default_factory=list)
+    on_link_up: list[Callable[[str], None]] = field(default_factory=list)
+    on_peer_lost: list[Callable[[str], None]] = field(default_factory=list)
+    rejected_frames: int = 0
+    _nursery: trio.Nursery | None = None
+
+    @classmethod
+    def build(cls, config: Config, store: Store) -> ClusterNode:
+        cluster = config.cluster
+        node_id = config.server.node
+        members = [Member(n.id, n.zone, str(n.address)) for n in cluster.nodes]
+        placement = place(members, shards=cluster.shards, replicas=cluster.replicas)
+        hosted = placement.groups_on(node_id)
+        shared = ReplicatedState(store.state, store.vault, cluster.shards)
+        # Addresses may differ between nodes (NAT, proxies): ids and zones must not.
+        meta = MetaApplication({m.node_id: m.zone for m in members})
+        applications: dict[str, GroupApplication] = {}
+        for group in hosted:
+            applications[group] = meta if group == META_GROUP else ShardApplication(group, shared)
+        try:
+            server = pki.server_context(cluster.ca_file, cluster.cert_file, cluster.key_file)
+            client = pki.client_context(cluster.ca_file, cluster.cert_file, cluster.key_file)
+        except (OSError, ValueError) as exc:
+            raise ClusterStartupError(
+                f"{config.source}: cluster: cannot load ca_file/cert_file/key_file: {exc}"
+            ) from None
+        peers = {
+            n.id: Peer(n.id, n.address.host, n.address.port)
+            for n in cluster.nodes
+            if n.id != node_id
+        }
+        node: ClusterNode
+        links = PeerLinks(
+            node_id,
+            cluster.id,
+            peers,
+            server_context=server,
+            client_context=client,
+            deliver=lambda message: node.driver.deliver(message),
+            deliver_app=lambda peer, frame: node._dispatch(peer, frame),
+            on_outbound_up=lambda peer: node._link_up(peer),
+            on_inbound_lost=lambda peer: node._peer_lost(peer),
+            config=LinkConfig(),
+        )
+        driver = NodeDriver(
+            node_id,
+            config.storage.dir / "cluster",
+            links,
+            {group: placement.replicas[group] for group in hosted},
+            DriverConfig(
+                tick_seconds=cluster.tick_ms / 1000,
+                election_ticks=cluster.election_ticks,
+                snapshot_every=cluster.snapshot_every,
+            ),
+            applications=applications,
+        )
+        replicator = Replicator(
+            node_id,
+            driver,
+            shared,
+            links.send_app,
+            commit_timeout=cluster.commit_timeout,
+            retry_interval=cluster.tick_ms / 1000,
+        )
+        node = cls(config, node_id, driver, links, shared, replicator, meta)
+        node.routes.append(FrameRoute("fwd.", replicator.receive))
+        return node
+
+    # --- running ---
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the cluster side until cancelled; started once this node has applied what its
+        own log says was committed (or CATCH_UP_SECONDS passed)."""
+        binds = self.config.listeners.cluster.bind or (self._member_address(),)
+        listeners: list[trio.SocketListener] = []
+        try:
+            for endpoint in binds:
+                listeners.extend(await trio.open_tcp_listeners(endpoint.port, host=endpoint.host))
+        except OSError as exc:
+            for listener in listeners:
+                await listener.aclose()
+            raise ClusterStartupError(
+                f"{self.config.source}: listeners.cluster.bind: cannot listen on {binds[0]}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.driver.run)
+            await nursery.start(self.replicator.run)
+            await nursery.start(self.links.run, listeners)
+            nursery.start_soon(self._keep_membership)
+            nursery.start_soon(self._resync_after_drops)
+            await self._catch_up()
+            task_status.started()
+
+    def _member_address(self) -> Any:
+        member = self.config.cluster.member(self.node_id)
+        assert member is not None  # the loader checked
+        return member.address
+
+    async def _catch_up(self) -> None:
+        targets = {name: status.commit for name, status in self.driver.status().items()}
+        self.shared.finish_loading()
+        with trio.move_on_after(CATCH_UP_SECONDS) as scope:
+            for group, commit in targets.items():
+                if group == META_GROUP:
+                    continue
+                await self.shared.wait_applied(group, commit)
+        if scope.cancelled_caught:
+            log.warning(
+                "serving before the shards caught up with their committed entries",
+                extra={"event": "cluster.catch_up_timeout"},
+            )
+        log.info(
+            "cluster joined",
+            extra={"event": "cluster.started", "node": self.node_id, "groups": len(targets)},
+        )
+
+    async def _keep_membership(self) -> None:
+        """Whoever leads the meta group commits the membership if none is yet."""
+        while self.meta.committed is None:
+            if self.driver.leader(META_GROUP) == self.node_id:
+                try:
+                    with trio.move_on_after(self.config.cluster.commit_timeout):
+                        await self.driver.propose(META_GROUP, self.meta.proposal())
+                except RaftError:
+                    pass
+            await trio.sleep(self.config.cluster.tick_ms / 1000 * 4)
+
+    # --- frames and links ---
+
+    def _dispatch(self, peer_id: str, frame: AppFrame) -> None:
+        for route in self.routes:
+            if frame.kind.startswith(route.prefix):
+                route.handle(peer_id, frame)
+                return
+        self.rejected_frames += 1
+
+    def _link_up(self, peer_id: str) -> None:
+        for hook in self.on_link_up:
+            hook(peer_id)
+
+    def _peer_lost(self, peer_id: str) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._confirm_lost, peer_id)
+
+    async def _confirm_lost(self, peer_id: str) -> None:
+        await trio.sleep(PEER_GRACE_SECONDS)
+        if self.links.inbound_linked(peer_id):
+            return  # it came back (and announced itself again)
+        log.info("peer gone", extra={"event": "cluster.peer_gone", "peer": peer_id})
+        for hook in self.on_peer_lost:
+            hook(peer_id)
+
+    def drop_peers(self) -> None:
+        """Forget every peer's soft state now (the node is stopping)."""
+        for peer_id in self.links.peers():
+            for hook in self.on_peer_lost:
+                hook(peer_id)
+
+    async def _resync_after_drops(self) -> None:
+        seen = dict.fromkeys(self.links.peers(), 0)
+        while True:
+            await trio.sleep(RESYNC_CHECK_SECONDS)
+            for peer, before in seen.items():
+                now = self.links.dropped(peer)
+                if now != before and self.links.connected(peer):
+                    seen[peer] = now
+                    self._link_up(peer)
+
+    # --- the control socket (villaged user / villaged cluster status) ---
+
+    def control_handlers(self, store: Store) -> dict[str, Handler]:
+        domain = self.config.server.domain
+
+        def user_of(args: Mapping[str, Any]) -> str:
+            jid = args.get("jid")
+            if not isinstance(jid, str):
+                raise ControlError("'jid' is missing")
+            try:
+                return store.local_user(jid, domain)
+            except StorageError as exc:
+                raise ControlError(str(exc)) from None
+
+        def password_of(args: Mapping[str, Any]) -> str:
+            password = args.get("password")
+            if not isinstance(password, str) or not password:
+                raise ControlError("'password' is missing")
+            return password
+
+        async def add(args: Mapping[str, Any]) -> str:
+            jid = user_of(args)
+            try:
+                await store.add_user(jid, password_of(args))
+            except StorageError as exc:
+                raise ControlError(str(exc)) from None
+            return jid
+
+        async def passwd(args: Mapping[str, Any]) -> str:
+            jid = user_of(args)
+            await store.catch_up(jid)
+            try:
+                await store.set_password(jid, password_of(args))
+            except StorageError as exc:
+                raise ControlError(str(exc)) from None
+            return jid
+
+        async def delete(args: Mapping[str, Any]) -> str:
+            jid = user_of(args)
+            await store.catch_up(jid)
+            try:
+                await store.delete_user(jid)
+            except StorageError as exc:
+                raise ControlError(str(exc)) from None
+            return jid
+
+        async def users(_: Mapping[str, Any]) -> list[str]:
+            await trio.lowlevel.checkpoint()
+            return store.users()
+
+        async def status(_: Mapping[str, Any]) -> dict[str, Any]:
+            await trio.lowlevel.checkpoint()
+            return self.status_document()
+
+        return {
+            "user.add": add,
+            "user.passwd": passwd,
+            "user.delete": delete,
+            "user.list": users,
+            "cluster.status": status,
+        }
+
+    # --- what operators see ---
+
+    def has_quorum(self) -> bool:
+        """Whether every group this node replicates has a leader it knows of."""
+        return all(s.leader is not None for s in self.driver.status().values())
+
+    def status_document(self) -> dict[str, Any]:
+        cluster = self.config.cluster
+        member = cluster.member(self.node_id)
+        members = [
+            {
+                "id": n.id,
+                "zone": n.zone,
+                "address": str(n.address),
+                "linked": True if n.id == self.node_id else self.links.connected(n.id),
+            }
+            for n in cluster.nodes
+        ]
+        groups = []
+        by_number = sorted(self.driver.status().items(), key=lambda item: _group_order(item[0]))
+        for name, status in by_number:
+            groups.append(
+                {
+                    "group": name,
+                    "role": status.role.value,
+                    "term": status.term,
+                    "leader": status.leader,
+                    "commit": status.commit,
+                    "applied": status.applied,
+                    "last_index": status.last_index,
+                    "snapshot_index": status.snapshot_index,
+                    "voters": sorted(status.voters),
+                    "lag": dict(status.follower_lag),
+                }
+            )
+        return {
+            "node": self.node_id,
+            "cluster": cluster.id,
+            "zone": member.zone if member is not None else None,
+            "membership_agreed": self.meta.agrees,
+            "members": members,
+            "groups": groups,
+        }
+
+
+def _group_order(group: str) -> tuple[int, str]:
+    """``meta`` first, then ``shard-0``, ``shard-1`` ... in number order."""
+    number = group.removeprefix("shard-")
+    return (int(number) + 1, "") if number.isdigit() else (0, group)
