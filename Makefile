@@ -55,6 +55,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/c2s_throughput.py --pairs 50 --seconds 10 --ws
 	$(BIN)/python bench/c2s_throughput.py --pairs 50 --rate 500 --seconds 10 --ws
 	$(BIN)/python bench/s2s_throughput.py --pairs 20 --seconds 10
+	$(BIN)/python bench/cluster_throughput.py --clients 20,50 --seconds 10
+	$(BIN)/python bench/cluster_throughput.py --clients 50 --rate 2500 --seconds 10
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .coverage build *.egg-info

@@ -37,6 +37,7 @@ class RunningCluster:
     root: Path
     zones: Sequence[str]
     nursery: trio.Nursery
+    extra_toml: str = ""
     files: dict[str, NodeFiles] = field(default_factory=dict)
     processes: dict[str, trio.Process] = field(default_factory=dict)
     proxies: dict[tuple[str, str], LinkProxy] = field(default_factory=dict)
@@ -47,7 +48,10 @@ class RunningCluster:
         base = free_port_base(len(pairs))
         ports = {pair: base + k for k, pair in enumerate(pairs)}
         for node in write_cluster(
-            self.root, self.zones, dial=lambda a, b, own: ports.get((a, b), own)
+            self.root,
+            self.zones,
+            dial=lambda a, b, own: ports.get((a, b), own),
+            extra_toml=self.extra_toml,
         ):
             self.files[node.node_id] = node
         for (source, target), port in ports.items():

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from villaged.app import Node
+    from villaged.config import Config
 
 PING = b"<iq type='get' id='sync'><ping xmlns='urn:xmpp:ping'/></iq>"
 
@@ -34,8 +35,15 @@ async def cluster_of_three(
     files = write_cluster(tmp_path)
     nodes: list[Node] = []
     async with trio.open_nursery() as nursery:
-        for config in [load_config(f.config) for f in files]:
+
+        async def start(config: Config) -> None:
             nodes.append(await nursery.start(partial(run_node, config, handle_signals=False)))
+
+        # At the same time: a new cluster starts once every node has heard the others.
+        async with trio.open_nursery() as starting:
+            for config in [load_config(f.config) for f in files]:
+                starting.start_soon(start, config)
+        nodes.sort(key=lambda node: node.config.server.node)
         await wait_until(
             lambda: all(n.cluster is not None and n.cluster.has_quorum() for n in nodes),
             20,

@@ -8,6 +8,7 @@ leader's loss."""
 from __future__ import annotations
 
 import collections
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,6 +177,42 @@ async def test_losing_a_whole_zone_of_a_five_node_cluster(short_root: Path) -> N
             print(f"writes resumed {resumed:.2f} s after the fault")
             assert resumed < RESUME_S, f"writes resumed after {resumed:.1f} s"
             stop.set()
+        await check_delivered(cluster, [sender])
+        await cluster.stop_all()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_node_whose_disk_is_lost_rejoins_and_catches_up(short_root: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        # Small snapshots: the new node gets most of its shards' state by InstallSnapshot.
+        cluster = RunningCluster(short_root, ("a", "b", "c"), nursery, "snapshot_every = 100")
+        await cluster.start()
+        await cluster.add_users(["alice", "bob"])
+        sender = AckedSender(cluster, "alice", "bob@localhost", ["n1", "n2"], "a", pause_s=0)
+        await sender.run(trio.Event(), LIMIT)
+        before = await cluster.status("n3")
+        await cluster.kill("n3")
+        shutil.rmtree(cluster.files["n3"].directory / "data")  # the disk is gone
+        await cluster.start_node("n3")
+        await cluster.wait_ready(["n3"])
+        after = await cluster.status("n3")
+        assert after["incarnation"] != before["incarnation"]
+        # Every group replaces n3's old member by the new one, with no one's help.
+        with trio.fail_after(30):
+            while True:
+                groups = (await cluster.status("n1"))["groups"]
+                members = {v for g in groups for v in g["voters"] if v.startswith("n3~")}
+                if members == {f"n3~{after['incarnation']}"}:
+                    break
+                await trio.sleep(0.2)
+        # bob's shard reached n3 as a snapshot (its log had been compacted) plus the log after.
+        bobs = group_of("bob@localhost")
+        with trio.fail_after(10):
+            while True:
+                mine = {g["group"]: g for g in (await cluster.status("n3"))["groups"]}[bobs]
+                if mine["snapshot_index"] > 0 and mine["applied"] >= mine["commit"] > 0:
+                    break
+                await trio.sleep(0.2)
         await check_delivered(cluster, [sender])
         await cluster.stop_all()
         nursery.cancel_scope.cancel()

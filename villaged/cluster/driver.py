@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
+from villaged.cluster.identity import node_of
 from villaged.cluster.raft import (
     EntryKind,
     NotLeaderError,
@@ -548,6 +549,24 @@ class NodeDriver:
 
     def leader(self, group_name: str) -> str | None:
         return self._groups[group_name].node.leader
+
+    def leader_node(self, group_name: str) -> str | None:
+        """The node (not the Raft member id with its incarnation) believed to lead."""
+        leader = self._groups[group_name].node.leader
+        return None if leader is None else node_of(leader)
+
+    def set_bootstrap(self, groups: Mapping[str, Iterable[str]]) -> None:
+        """Replace the bootstrap voters (before ``run``: a node decides them only once it has
+        heard its peers, see villaged.cluster.identity)."""
+        if self._state is not _State.NEW or set(groups) != set(self._bootstrap):
+            raise RuntimeError("bootstrap voters are set once, before run, for the same groups")
+        self._bootstrap = {name: frozenset(voters) for name, voters in groups.items()}
+
+    async def change_voters(self, group_name: str, *, add: str = "", remove: str = "") -> int:
+        """On the leader: propose one membership change (add or remove one voter)."""
+        if add:
+            return await self._call(group_name, lambda node: node.add_voter(add))
+        return await self._call(group_name, lambda node: node.remove_voter(remove))
 
     def commit_index(self, group_name: str) -> int:
         return self._groups[group_name].node.commit

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from villaged.cluster.identity import node_of
 from villaged.cluster.pki import peer_node_id
 from villaged.cluster.wire import (
     CLOSED,
@@ -128,6 +129,8 @@ class PeerLinks:
         deliver_app: Callable[[str, AppFrame], None] | None = None,
         on_outbound_up: Callable[[str], None] | None = None,
         on_inbound_lost: Callable[[str], None] | None = None,
+        hello: Callable[[], tuple[str, Any]] | None = None,
+        on_hello: Callable[[Hello], None] | None = None,
         config: LinkConfig | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -140,6 +143,9 @@ class PeerLinks:
         self._deliver_app = deliver_app
         self._on_outbound_up = on_outbound_up
         self._on_inbound_lost = on_inbound_lost
+        #: What this node says in its hellos: (incarnation, boot membership or None).
+        self._hello = hello or (lambda: ("", None))
+        self._on_hello = on_hello
         self._rng = rng or random.Random()  # backoff jitter, not a secret
         self._outbound = {
             peer_id: _Outbound(peer) for peer_id, peer in peers.items() if peer_id != node_id
@@ -156,7 +162,7 @@ class PeerLinks:
 
     def send(self, message: Message) -> None:
         """Queue ``message`` for its peer (never blocks; drops the oldest when full)."""
-        self._queue(message.to, message)
+        self._queue(node_of(message.to), message)
 
     def send_app(self, peer_id: str, kind: str, body: Any) -> bool:
         """Queue an application frame for ``peer_id`` (never blocks; drops the oldest queued
@@ -184,6 +190,10 @@ class PeerLinks:
 
     def connected(self, peer_id: str) -> bool:
         return self._outbound[peer_id].connected
+
+    def _encode_hello(self) -> bytes:
+        incarnation, boot = self._hello()
+        return encode_hello(self.node_id, self.cluster_id, incarnation, boot=boot)
 
     def inbound_linked(self, peer_id: str) -> bool:
         """Whether ``peer_id`` has a link to us now."""
@@ -277,10 +287,12 @@ class PeerLinks:
                         f"{peer.host}:{peer.port} presented a certificate for {certified!r},"
                         f" not {peer.node_id!r}"
                     )
-                await stream.send_all(encode_hello(self.node_id, self.cluster_id))
-                hello = await _read_hello(stream, FrameDecoder(max_frame_bytes=1024))
-                if hello != Hello(peer.node_id, self.cluster_id):
+                await stream.send_all(self._encode_hello())
+                hello = await _read_hello(stream, FrameDecoder(max_frame_bytes=4096))
+                if not hello.same_node(peer.node_id, self.cluster_id):
                     raise LinkRefusedError(f"{peer.node_id} answered with {hello}")
+                if self._on_hello is not None:
+                    self._on_hello(hello)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
@@ -330,9 +342,11 @@ class PeerLinks:
                 if peer_id is None or peer_id not in self._outbound:
                     raise LinkRefusedError(f"certificate names no peer of ours ({peer_id!r})")
                 hello = await _read_hello(stream, decoder)
-                if hello != Hello(peer_id, self.cluster_id):
+                if not hello.same_node(peer_id, self.cluster_id):
                     raise LinkRefusedError(f"{peer_id} sent {hello}")
-                await stream.send_all(encode_hello(self.node_id, self.cluster_id))
+                await stream.send_all(self._encode_hello())
+                if self._on_hello is not None:
+                    self._on_hello(hello)
         except (
             OSError,
             trio.BrokenResourceError,
@@ -386,7 +400,7 @@ class PeerLinks:
                 decoder.receive_data(data)
             elif frame is CLOSED:
                 return
-            elif isinstance(frame, Envelope) and frame.message.sender == peer_id:
+            elif isinstance(frame, Envelope) and node_of(frame.message.sender) == peer_id:
                 self.received += 1
                 self._deliver(frame.message)
             elif isinstance(frame, AppFrame) and self._deliver_app is not None:

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from villaged.cluster import pki
 from villaged.cluster.driver import DriverConfig, NodeDriver
+from villaged.cluster.identity import Identity, IdentityError, decide, node_of, voter_id
 from villaged.cluster.links import LinkConfig, Peer, PeerLinks
-from villaged.cluster.placement import META_GROUP, Member, place
+from villaged.cluster.placement import META_GROUP, Member, Placement, place
 from villaged.cluster.raft import RaftError
 from villaged.cluster.replicated import (
     MetaApplication,
@@ -38,10 +40,11 @@ from villaged.ops.control import ControlError
 from villaged.storage.errors import StorageError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
+    from pathlib import Path
 
     from villaged.cluster.driver import GroupApplication
-    from villaged.cluster.wire import AppFrame
+    from villaged.cluster.wire import AppFrame, Hello
     from villaged.config.model import Config
     from villaged.ops.control import Handler
     from villaged.storage.store import Store
@@ -54,6 +57,8 @@ log = logging.getLogger("villaged.cluster")
 CATCH_UP_SECONDS: Final = 60.0
 #: A peer whose link to us stays down this long is gone: its sessions are dropped here.
 PEER_GRACE_SECONDS: Final = 3.0
+#: How often a leader looks for members that came back as new incarnations.
+REPLACE_CHECK_SECONDS: Final = 1.0
 #: How often the links' drop counters are checked (a dropped frame may have been soft state
 #: that must be announced again).
 RESYNC_CHECK_SECONDS: Final = 5.0
@@ -83,6 +88,15 @@ class ClusterNode:
     on_peer_lost: list[Callable[[str], None]] = field(default_factory=list)
     rejected_frames: int = 0
     _nursery: trio.Nursery | None = None
+    placement: Placement | None = None
+    identity: Identity | None = None
+    #: What each peer said in its latest hello: (incarnation, boot membership or None).
+    hellos: dict[str, tuple[str, Mapping[str, str] | None]] = field(default_factory=dict)
+    _hello_changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def directory(self) -> Path:
+        return self.config.storage.dir / "cluster"
 
     @classmethod
     def build(cls, config: Config, store: Store) -> ClusterNode:
@@ -109,6 +123,10 @@ class ClusterNode:
             for n in cluster.nodes
             if n.id != node_id
         }
+        try:
+            identity = Identity.load_or_create(config.storage.dir / "cluster")
+        except (IdentityError, OSError) as exc:
+            raise ClusterStartupError(f"storage.dir: {exc}") from None
         node: ClusterNode
         links = PeerLinks(
             node_id,
@@ -120,13 +138,15 @@ class ClusterNode:
             deliver_app=lambda peer, frame: node._dispatch(peer, frame),
             on_outbound_up=lambda peer: node._link_up(peer),
             on_inbound_lost=lambda peer: node._peer_lost(peer),
+            hello=lambda: (identity.incarnation, node._boot()),
+            on_hello=lambda hello: node._heard(hello),
             config=LinkConfig(),
         )
         driver = NodeDriver(
-            node_id,
+            voter_id(node_id, identity.incarnation),
             config.storage.dir / "cluster",
             links,
-            {group: placement.replicas[group] for group in hosted},
+            dict.fromkeys(hosted, ()),  # decided at start (see villaged.cluster.identity)
             DriverConfig(
                 tick_seconds=cluster.tick_ms / 1000,
                 election_ticks=cluster.election_ticks,
@@ -143,6 +163,8 @@ class ClusterNode:
             retry_interval=cluster.tick_ms / 1000,
         )
         node = cls(config, node_id, driver, links, shared, replicator, meta)
+        node.placement = placement
+        node.identity = identity
         node.routes.append(FrameRoute("fwd.", replicator.receive))
         return node
 
@@ -165,10 +187,12 @@ class ClusterNode:
             ) from None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.links.run, listeners)
+            await self._decide_membership()
             await nursery.start(self.driver.run)
             await nursery.start(self.replicator.run)
-            await nursery.start(self.links.run, listeners)
             nursery.start_soon(self._keep_membership)
+            nursery.start_soon(self._replace_lost_incarnations)
             nursery.start_soon(self._resync_after_drops)
             await self._catch_up()
             task_status.started()
@@ -196,10 +220,95 @@ class ClusterNode:
             extra={"event": "cluster.started", "node": self.node_id, "groups": len(targets)},
         )
 
+    # --- incarnations (villaged.cluster.identity) ---
+
+    def _boot(self) -> dict[str, str] | None:
+        identity = self.identity
+        return None if identity is None or identity.boot is None else dict(identity.boot)
+
+    def _heard(self, hello: Hello) -> None:
+        self.hellos[hello.node_id] = (hello.incarnation, hello.boot)
+        self._hello_changed.set()
+        self._hello_changed = trio.Event()
+
+    async def _decide_membership(self) -> None:
+        """Before any group starts: which voters this node's groups start with."""
+        identity = self.identity
+        placement = self.placement
+        assert identity is not None
+        assert placement is not None
+        peers = frozenset(self.links.peers())
+        waited = 0.0
+        while not identity.decided:
+            decision = decide(self.node_id, identity, self.hellos, peers)
+            if decision is not None:
+                boot, joiner = decision
+                identity = self.identity = await trio.to_thread.run_sync(
+                    partial(identity.decide, self.directory, boot=boot, joiner=joiner)
+                )
+                log.info(
+                    "joining a running cluster as a new incarnation"
+                    if joiner
+                    else "starting the cluster",
+                    extra={
+                        "event": "cluster.joiner" if joiner else "cluster.bootstrap",
+                        "incarnation": identity.incarnation,
+                    },
+                )
+                break
+            with trio.move_on_after(10):
+                await self._hello_changed.wait()
+            waited += 10
+            if waited % 60 == 0:
+                log.warning(
+                    "waiting to hear every node before starting the cluster",
+                    extra={"event": "cluster.waiting", "heard": sorted(self.hellos)},
+                )
+        if identity.boot is not None:
+            boot = identity.boot
+            self.driver.set_bootstrap(
+                {
+                    group: [voter_id(node, boot[node]) for node in placement.replicas[group]]
+                    for group in placement.groups_on(self.node_id)
+                }
+            )
+
+    async def _replace_lost_incarnations(self) -> None:
+        """As leader of a group: a member whose node came back as a new incarnation (an empty
+        disk) is replaced, one single-server change at a time: the old member out, the new in.
+        """
+        placement = self.placement
+        assert placement is not None
+        while True:
+            await trio.sleep(REPLACE_CHECK_SECONDS)
+            for group, status in self.driver.status().items():
+                if status.role.value != "leader":
+                    continue
+                change = _membership_change(
+                    status.voters, placement.replicas[group], self.hellos, self.node_id
+                )
+                if change is None:
+                    continue
+                add, remove = change
+                try:
+                    await self.driver.change_voters(group, add=add, remove=remove)
+                except (RaftError, ValueError, KeyError) as exc:
+                    log.debug("membership change deferred: %s", exc)
+                    continue
+                log.info(
+                    "replacing a lost incarnation",
+                    extra={
+                        "event": "cluster.member_replaced",
+                        "group": group,
+                        "added": add,
+                        "removed": remove,
+                    },
+                )
+
     async def _keep_membership(self) -> None:
         """Whoever leads the meta group commits the membership if none is yet."""
         while self.meta.committed is None:
-            if self.driver.leader(META_GROUP) == self.node_id:
+            if self.driver.leader_node(META_GROUP) == self.node_id:
                 try:
                     with trio.move_on_after(self.config.cluster.commit_timeout):
                         await self.driver.propose(META_GROUP, self.meta.proposal())
@@ -336,17 +445,18 @@ class ClusterNode:
                     "group": name,
                     "role": status.role.value,
                     "term": status.term,
-                    "leader": status.leader,
+                    "leader": node_of(status.leader) if status.leader else None,
                     "commit": status.commit,
                     "applied": status.applied,
                     "last_index": status.last_index,
                     "snapshot_index": status.snapshot_index,
                     "voters": sorted(status.voters),
-                    "lag": dict(status.follower_lag),
+                    "lag": {node_of(m): lag for m, lag in status.follower_lag.items()},
                 }
             )
         return {
             "node": self.node_id,
+            "incarnation": self.identity.incarnation if self.identity is not None else None,
             "cluster": cluster.id,
             "zone": member.zone if member is not None else None,
             "membership_agreed": self.meta.agrees,
@@ -359,3 +469,24 @@ def _group_order(group: str) -> tuple[int, str]:
     """``meta`` first, then ``shard-0``, ``shard-1`` ... in number order."""
     number = group.removeprefix("shard-")
     return (int(number) + 1, "") if number.isdigit() else (0, group)
+
+
+def _membership_change(
+    voters: frozenset[str],
+    placed: Sequence[str],
+    hellos: Mapping[str, tuple[str, Mapping[str, str] | None]],
+    me: str,
+) -> tuple[str, str] | None:
+    """(add, remove) — one of them empty — bringing ``voters`` to the current incarnations of
+    the ``placed`` nodes as heard in their hellos; None when nothing is to change."""
+    for voter in sorted(voters):
+        node = node_of(voter)
+        current = hellos.get(node)
+        if node != me and current is not None and voter != voter_id(node, current[0]):
+            return "", voter  # an old incarnation: out first
+    present = {node_of(v) for v in voters}
+    for node in placed:
+        current = hellos.get(node)
+        if node not in present and current is not None:
+            return voter_id(node, current[0]), ""
+    return None

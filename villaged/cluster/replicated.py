@@ -633,7 +633,7 @@ class Replicator:
 
     async def _read_index(self, group: str, deadline: float) -> int:
         while True:
-            leader = self.driver.leader(group)
+            leader = self.driver.leader_node(group)
             if leader == self.node_id:
                 return self.driver.commit_index(group)
             attempt = min(deadline, trio.current_time() + self.attempt_timeout)
@@ -687,7 +687,7 @@ class Replicator:
         """
         deadline = trio.current_time() + self.commit_timeout
         while True:
-            leader = self.driver.leader(group)
+            leader = self.driver.leader_node(group)
             attempt = min(deadline, trio.current_time() + self.attempt_timeout)
             index = None
             try:
@@ -757,11 +757,11 @@ class Replicator:
                 self.rejected_frames += 1
                 return
             try:
-                leads = self.driver.leader(group) == self.node_id
+                leads = self.driver.leader_node(group) == self.node_id
                 answer: dict[str, Any] = (
                     {"id": body["id"], "i": self.driver.commit_index(group)}
                     if leads
-                    else {"id": body["id"], "e": "not-leader", "l": self.driver.leader(group)}
+                    else {"id": body["id"], "e": "not-leader", "l": self.driver.leader_node(group)}
                 )
             except (KeyError, RuntimeError):
                 self._send_app(peer_id, "fwd.fail", {"id": body["id"], "e": "no-such-group"})

@@ -5,7 +5,10 @@ it travels (no sockets, no clock: :mod:`villaged.cluster.links` moves the bytes)
 
 Every frame is ``version u8 | length u32 (big-endian) | payload``, the payload one msgpack map:
 
-* the hello, sent first by both ends: ``{"hello": node_id, "cluster": cluster_id}``;
+* the hello, sent first by both ends: ``{"hello": node_id, "cluster": cluster_id, "inc":
+  incarnation, "boot": {node: incarnation} or nil}`` -- the incarnation names this node's
+  data directory (a node that lost its disk comes back as a new incarnation), ``boot`` is the
+  membership it started the cluster with (see :mod:`villaged.cluster.identity`);
 * a Raft message: ``{"g": group, "m": raft.message_to_wire(message)}``;
 * an application frame: ``{"a": kind, "b": body}`` -- everything else nodes tell each other
   (forwarded proposals and their outcomes, session locations, stanzas for a session). The
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgpack
@@ -99,6 +102,13 @@ class TruncatedFrameError(WireError):
 class Hello:
     node_id: str
     cluster_id: str
+    incarnation: str = ""
+    #: The membership the sender started the cluster with ({node: incarnation}), if any.
+    boot: dict[str, str] | None = field(default=None, compare=False)
+
+    def same_node(self, node_id: str, cluster_id: str) -> bool:
+        """Whether this hello is from ``node_id`` of ``cluster_id`` (whatever its incarnation)."""
+        return self.node_id == node_id and self.cluster_id == cluster_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +139,10 @@ def encode_frame(
     return HEADER.pack(WIRE_VERSION, len(body)) + body
 
 
-def encode_hello(node_id: str, cluster_id: str) -> bytes:
-    return encode_frame({"hello": node_id, "cluster": cluster_id})
+def encode_hello(
+    node_id: str, cluster_id: str, incarnation: str = "", *, boot: Any = None
+) -> bytes:
+    return encode_frame({"hello": node_id, "cluster": cluster_id, "inc": incarnation, "boot": boot})
 
 
 def encode_envelope(message: Message, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
@@ -241,9 +253,20 @@ def parse_payload(payload: bytes) -> Frame:
         raise MalformedFrameError("payload is not a map")
     if "hello" in obj:
         node_id, cluster_id = obj.get("hello"), obj.get("cluster")
+        incarnation, boot = obj.get("inc", ""), obj.get("boot")
         if not isinstance(node_id, str) or not node_id or not isinstance(cluster_id, str):
             raise MalformedFrameError("hello needs string 'hello' and 'cluster'")
-        return Hello(node_id, cluster_id)
+        if not isinstance(incarnation, str) or len(incarnation) > 64:
+            raise MalformedFrameError("hello has a bad 'inc'")
+        if boot is not None and not (
+            isinstance(boot, dict)
+            and all(
+                isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 64
+                for k, v in boot.items()
+            )
+        ):
+            raise MalformedFrameError("hello has a bad 'boot'")
+        return Hello(node_id, cluster_id, incarnation, boot)
     if "a" in obj:
         kind = obj.get("a")
         try:

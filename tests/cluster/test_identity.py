@@ -1,0 +1,81 @@
+"""Incarnations: what a new node decides from its peers' hellos, and what a leader changes when
+a member comes back as a new incarnation."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import pytest
+
+from villaged.cluster.identity import (
+    Identity,
+    IdentityError,
+    decide,
+    node_of,
+    voter_id,
+)
+from villaged.cluster.node import _membership_change
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+PEERS = frozenset({"n2", "n3"})
+
+
+def test_names() -> None:
+    assert voter_id("n1", "ab12") == "n1~ab12"
+    assert node_of("n1~ab12") == "n1"
+    assert node_of("n1") == "n1"
+
+
+def test_a_new_directory_gets_an_incarnation_that_survives_restarts(tmp_path: Path) -> None:
+    first = Identity.load_or_create(tmp_path / "cluster")
+    assert not first.decided
+    again = Identity.load_or_create(tmp_path / "cluster")
+    assert again == first
+    decided = first.decide(tmp_path / "cluster", boot={"n1": first.incarnation}, joiner=False)
+    assert Identity.load_or_create(tmp_path / "cluster") == decided
+    assert ((tmp_path / "cluster/identity.json").stat().st_mode & 0o777) == 0o600
+    # Another directory is another incarnation.
+    assert Identity.load_or_create(tmp_path / "other").incarnation != first.incarnation
+
+
+def test_a_damaged_identity_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "identity.json").write_text(json.dumps({"format": "x"}))
+    with pytest.raises(IdentityError, match=r"identity\.json is damaged"):
+        Identity.load_or_create(tmp_path)
+
+
+def test_everyone_new_starts_once_every_peer_is_heard() -> None:
+    me = Identity("aaaa")
+    assert decide("n1", me, {"n2": ("bbbb", None)}, PEERS) is None
+    boot, joiner = decide("n1", me, {"n2": ("bbbb", None), "n3": ("cccc", None)}, PEERS) or (
+        None,
+        True,
+    )
+    assert boot == {"n1": "aaaa", "n2": "bbbb", "n3": "cccc"}
+    assert not joiner
+
+
+def test_a_peer_that_started_with_us_is_followed() -> None:
+    me = Identity("aaaa")
+    boot = {"n1": "aaaa", "n2": "bbbb", "n3": "cccc"}
+    assert decide("n1", me, {"n2": ("bbbb", boot)}, PEERS) == (boot, False)
+
+
+def test_a_peer_that_knows_another_incarnation_of_us_makes_us_a_joiner() -> None:
+    me = Identity("ffff")
+    boot = {"n1": "aaaa", "n2": "bbbb", "n3": "cccc"}
+    assert decide("n1", me, {"n3": ("cccc", boot)}, PEERS) == (None, True)
+
+
+def test_a_lost_incarnation_is_removed_then_the_new_one_added() -> None:
+    voters = frozenset({"n1~a", "n2~b", "n3~c"})
+    placed = ("n1", "n2", "n3")
+    hellos = {"n2": ("b", None), "n3": ("new", None)}
+    assert _membership_change(voters, placed, hellos, "n1") == ("", "n3~c")
+    assert _membership_change(voters - {"n3~c"}, placed, hellos, "n1") == ("n3~new", "")
+    assert _membership_change(voters - {"n3~c"} | {"n3~new"}, placed, hellos, "n1") is None
+    # Nothing is known of a node not heard from: nothing changes.
+    assert _membership_change(voters, placed, {}, "n1") is None
