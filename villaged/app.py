@@ -279,6 +279,7 @@ def _join_cluster(node: Node, presence: Presence) -> ClusterNode:
 
     cluster.on_peer_lost.append(peer_lost)
     node.status.quorum = cluster.has_quorum
+    node.status.metrics.watch_cluster(cluster.status_document)
     return cluster
 
 

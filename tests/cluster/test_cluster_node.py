@@ -88,6 +88,11 @@ async def test_accounts_created_on_one_node_exist_on_all(tmp_path: Path) -> None
         await wait_until(
             lambda: all(len(n.store.state.accounts) == 2 for n in nodes), 5, "replicated"
         )
+        # Ready (every group has a leader), and the groups' Raft state is on /metrics.
+        assert nodes[1].status.route("GET", "/readyz")[0] == 200
+        metrics = nodes[1].status.route("GET", "/metrics")[2].decode()
+        assert 'villaged_cluster_group_has_leader{group="shard-0"} 1.0' in metrics
+        assert 'villaged_cluster_peer_linked{peer="n1"} 1.0' in metrics
         # Every node can log the users in: their data keys came through the shards too.
         for node in nodes:
             await (await login(node, "alice")).aclose()
@@ -126,13 +131,18 @@ async def test_sessions_on_other_nodes_get_messages_and_presence(tmp_path: Path)
         await synced(bob)
         await alice.send(b"<presence to='bob@localhost' type='subscribed'/>")
         await synced(alice)
-        for node in nodes:
+
+        def both_ways(node: Node) -> bool:
             roster = node.store.state.view(RosterView.name)
             assert isinstance(roster, RosterView)
-            for user, contact in (("alice", "bob"), ("bob", "alice")):
-                entry = roster.entry(f"{user}@localhost", f"{contact}@localhost")
-                assert entry is not None
-                assert entry.state.subscription == "both"
+            entries = [
+                roster.entry(f"{user}@localhost", f"{contact}@localhost")
+                for user, contact in (("alice", "bob"), ("bob", "alice"))
+            ]
+            return all(e is not None and e.state.subscription == "both" for e in entries)
+
+        # The nodes that did not make the last change apply it a moment later.
+        await wait_until(lambda: all(both_ways(n) for n in nodes), 5, "subscribed both ways")
         await alice.send(b"<presence/>")
         await bob.send(b"<presence/>")
         await wait_until(

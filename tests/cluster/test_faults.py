@@ -18,17 +18,16 @@ import trio
 
 from tests.cluster.running import AckedSender, RunningCluster
 from tests.e2e.test_durability import archived_bodies
+from tests.e2e.test_sm_durability import delivered as offline_flush
 from villaged.cluster.placement import group_of
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
-    from tests.net.rawclient import RawClient
 
 #: Messages per sender: below the recipient's offline queue bound (500).
 LIMIT = 450
 RESUME_S = 5.0
-PING = b"<iq type='get' id='sync'><ping xmlns='urn:xmpp:ping'/></iq>"
 
 
 @pytest.fixture
@@ -36,21 +35,6 @@ async def short_root() -> AsyncIterator[Path]:
     # Unix socket paths (the control socket in each data dir) must stay under 108 bytes.
     with tempfile.TemporaryDirectory(prefix="vc-") as root:
         yield Path(root)
-
-
-async def offline_flush(client: RawClient) -> list[str]:
-    """Bodies the offline queue hands over on initial presence, up to a ping's answer."""
-    await client.send(b"<presence/>")
-    await client.send(PING)
-    got: list[str] = []
-    for _ in range(LIMIT * 4):
-        element = await client.element()
-        if element.get("id") == "sync":
-            return got
-        body = element.findtext("{jabber:client}body")
-        if element.tag == "{jabber:client}message" and body is not None:
-            got.append(body)
-    raise AssertionError("the offline flush did not end")
 
 
 async def check_delivered(cluster: RunningCluster, senders: Sequence[AckedSender]) -> None:
@@ -73,7 +57,8 @@ async def check_delivered(cluster: RunningCluster, senders: Sequence[AckedSender
             assert max(counts.values()) == 1, f"{node_id}: archived twice"
             await client.aclose()
         client = await cluster.login(cluster.alive()[0], user, "reader")
-        delivered = [b for b in await offline_flush(client) if b.startswith(sender.prefix)]
+        flushed = [body for body, _ in await offline_flush(client)]
+        delivered = [b for b in flushed if b.startswith(sender.prefix)]
         await client.aclose()
         assert len(delivered) == len(set(delivered)), "a message was delivered twice"
         assert acked <= set(delivered), f"lost: {sorted(acked - set(delivered))[:5]}"

@@ -177,13 +177,17 @@ async def serve_admin(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on the Unix socket ``path`` until cancelled; the socket file is removed then."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = trio.socket.from_stdlib_socket(plain)
     try:
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        old_umask = os.umask(0o117)  # never, even for an instant, more than 0660
+        # Never, even for an instant, more than 0660. The umask is the whole process's: the
+        # bind is synchronous (no other task runs in between; trio's own bind would run in a
+        # worker thread while the umask is changed) and the umask is back at once.
+        old_umask = os.umask(0o117)
         try:
-            await sock.bind(str(path))
+            plain.bind(str(path))  # a local socket file: no wait worth a thread
         finally:
             os.umask(old_umask)
         if group:
@@ -210,7 +214,9 @@ async def serve_admin(
             path.unlink()  # noqa: ASYNC240 - one unlink while stopping
 
 
-def _remove_stale_socket(path: Path) -> None:
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file a previous process left at ``path`` (OSError if it is anything
+    else: never replace a file that is not a socket)."""
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

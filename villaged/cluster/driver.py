@@ -571,6 +571,15 @@ class NodeDriver:
     def commit_index(self, group_name: str) -> int:
         return self._groups[group_name].node.commit
 
+    def read_index(self, group_name: str) -> int | None:
+        """On the leader: its commit index, once it has committed an entry of its own term
+        (before that, entries of earlier terms may be committed without it knowing); None
+        elsewhere or before then."""
+        node = self._groups[group_name].node
+        if node.role is not Role.LEADER or node.term_at(node.commit) != node.term:
+            return None
+        return node.commit
+
     def status(self) -> dict[str, GroupStatus]:
         result: dict[str, GroupStatus] = {}
         for name, group in sorted(self._groups.items()):

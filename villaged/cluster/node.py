@@ -17,6 +17,8 @@ then does app.py open the client listeners.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,7 +42,7 @@ from villaged.ops.control import ControlError
 from villaged.storage.errors import StorageError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
     from pathlib import Path
 
     from villaged.cluster.driver import GroupApplication
@@ -56,7 +58,7 @@ log = logging.getLogger("villaged.cluster")
 #: How long start-up waits to apply what the log says is committed before serving anyway.
 CATCH_UP_SECONDS: Final = 60.0
 #: A peer whose link to us stays down this long is gone: its sessions are dropped here.
-PEER_GRACE_SECONDS: Final = 3.0
+PEER_GRACE_SECONDS: Final = 8.0  # longer than a link's reconnect backoff (5 s at most)
 #: How often a leader looks for members that came back as new incarnations.
 REPLACE_CHECK_SECONDS: Final = 1.0
 #: How often the links' drop counters are checked (a dropped frame may have been soft state
@@ -130,7 +132,7 @@ class ClusterNode:
         node: ClusterNode
         links = PeerLinks(
             node_id,
-            cluster.id,
+            f"{cluster.id}/{_shape_digest(config)}",
             peers,
             server_context=server,
             client_context=client,
@@ -377,31 +379,32 @@ class ClusterNode:
                 raise ControlError("'password' is missing")
             return password
 
-        async def add(args: Mapping[str, Any]) -> str:
+        async def account_change(
+            args: Mapping[str, Any], change: Callable[[str], Awaitable[None]]
+        ) -> str:
             jid = user_of(args)
             try:
-                await store.add_user(jid, password_of(args))
+                await change(jid)
             except StorageError as exc:
                 raise ControlError(str(exc)) from None
             return jid
+
+        async def add(args: Mapping[str, Any]) -> str:
+            return await account_change(args, lambda jid: store.add_user(jid, password_of(args)))
 
         async def passwd(args: Mapping[str, Any]) -> str:
-            jid = user_of(args)
-            await store.catch_up(jid)
-            try:
+            async def change(jid: str) -> None:
+                await store.catch_up(jid)  # a change made on another node is seen here
                 await store.set_password(jid, password_of(args))
-            except StorageError as exc:
-                raise ControlError(str(exc)) from None
-            return jid
+
+            return await account_change(args, change)
 
         async def delete(args: Mapping[str, Any]) -> str:
-            jid = user_of(args)
-            await store.catch_up(jid)
-            try:
+            async def change(jid: str) -> None:
+                await store.catch_up(jid)
                 await store.delete_user(jid)
-            except StorageError as exc:
-                raise ControlError(str(exc)) from None
-            return jid
+
+            return await account_change(args, change)
 
         async def users(_: Mapping[str, Any]) -> list[str]:
             await trio.lowlevel.checkpoint()
@@ -490,3 +493,16 @@ def _membership_change(
         if node not in present and current is not None:
             return voter_id(node, current[0]), ""
     return None
+
+
+def _shape_digest(config: Config) -> str:
+    """What every node must agree on, hashed into the links' hello: nodes configured with
+    other shards, replicas or members (ids and zones) refuse to link rather than place users
+    and voters differently."""
+    cluster = config.cluster
+    shape = {
+        "shards": cluster.shards,
+        "replicas": cluster.replicas,
+        "members": sorted([n.id, n.zone] for n in cluster.nodes),
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]

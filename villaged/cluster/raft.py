@@ -90,7 +90,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:
@@ -1157,7 +1157,7 @@ _MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = {
 def message_to_wire(message: Message) -> dict[str, Any]:
     """A message as a plain msgpack-able dict (str keys; ints, bools, bytes, lists)."""
     wire: dict[str, Any] = {"type": type(message).__name__}
-    for f in fields(message):
+    for f in _fields_of(type(message)):
         value = getattr(message, f.name)
         if f.name == "entries":
             value = [[e.index, e.term, e.kind.value, e.data] for e in value]
@@ -1165,6 +1165,18 @@ def message_to_wire(message: Message) -> dict[str, Any]:
             value = [value.index, value.term, sorted(value.voters), value.data]
         wire[f.name] = value
     return wire
+
+
+_FIELDS: dict[type, tuple[Field[Any], ...]] = {}
+
+
+def _fields_of(cls: type) -> tuple[Field[Any], ...]:
+    """``dataclasses.fields`` of a message class, looked up once (it is on every message's
+    way to and from the wire)."""
+    found = _FIELDS.get(cls)
+    if found is None:
+        found = _FIELDS[cls] = fields(cls)
+    return found
 
 
 #: Entries (or voters) one message may carry; a leader sends far fewer (``max_append_entries``).
@@ -1176,7 +1188,7 @@ def message_from_wire(wire: Mapping[str, Any]) -> Message:
     try:
         cls = _MESSAGE_TYPES[wire["type"]]
         values: dict[str, Any] = {}
-        for f in fields(cls):
+        for f in _fields_of(cls):
             value = wire[f.name]
             if f.name == "entries":
                 if len(value) > MAX_WIRE_ENTRIES:

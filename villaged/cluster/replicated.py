@@ -27,8 +27,8 @@ key at once agree on one). ``account.delete`` destroys the user's key on every r
 
 **Applying.** The driver calls :meth:`ReplicatedState.apply_entry` in index order per group.
 A record that no longer applies (a create for an account that exists, a payload sealed under a
-key that lost the race) is skipped the same way on every replica and logged; it never stops
-the node. Waiters on "group G has applied index I" are woken after each entry.
+key that lost the race, a malformed body) is skipped the same way on every replica and logged;
+it never stops the node. Waiters on "group G has applied index I" are woken after each entry.
 
 **Snapshots.** Each group's snapshot holds its users' part of every view plus their wrapped
 keys. Views keep all users together, so a snapshot is cut from the whole view state by key
@@ -61,7 +61,7 @@ from villaged.cluster.driver import NotLeaderError, ProposalDroppedError, Propos
 from villaged.cluster.placement import shard_of
 from villaged.cluster.raft import RaftError
 from villaged.storage import crypto
-from villaged.storage.errors import StorageError
+from villaged.storage.errors import RecordTooLargeError, StorageError
 from villaged.storage.records import Record
 from villaged.storage.state import ACCOUNT_DELETE, State
 
@@ -91,6 +91,8 @@ KEY_RECORD: Final = "vault.key"
 #: Records of one shard per entry, and their encoded bytes (below the driver's entry limit).
 MAX_BATCH_RECORDS: Final = 512
 MAX_BATCH_BYTES: Final = 512 * 1024
+#: One record alone: what fits a Raft entry (the driver's default 1 MiB) with its envelope.
+MAX_RECORD_BYTES: Final = (1 << 20) - 4096
 #: Forwarded proposals this node serves at once (as leader), over all peers.
 MAX_FORWARDED: Final = 4096
 #: Proposing processes whose last batch each group remembers (for retried proposals).
@@ -176,6 +178,14 @@ def encode_entry(records: Sequence[Record], batch: BatchId) -> bytes:
 
 
 def decode_entry(data: bytes) -> tuple[BatchId, list[tuple[str, int, dict[str, Any]]]]:
+    """The batch in an entry; StorageError for anything else (whatever a peer sent)."""
+    try:
+        return _decode_entry(data)
+    except (TypeError, ValueError, msgpack.ExtraData, msgpack.FormatError) as exc:
+        raise StorageError(f"entry is not a batch: {exc}") from exc
+
+
+def _decode_entry(data: bytes) -> tuple[BatchId, list[tuple[str, int, dict[str, Any]]]]:
     obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
     if not isinstance(obj, dict) or obj.get("f") != ENTRY_FORMAT:
         raise StorageError("entry is not a batch of format 1")
@@ -305,14 +315,21 @@ class ReplicatedState:
     ) -> None:
         try:
             owner = record_owner(rtype, body) if rtype not in _MULTI_PART else None
-            if owner is not None and not self._in_group(group)(owner):
-                raise StorageError(f"{owner} does not belong to {group}")
+            owners = (
+                [owner]
+                if owner is not None
+                else [record_owner(rtype, part) for part in body.get(_MULTI_PART[rtype]) or ()]
+            )
+            mine = self._in_group(group)
+            if not all(isinstance(o, str) and mine(o) for o in owners):
+                raise StorageError(f"a {rtype} record of another shard in {group}")
             if rtype == KEY_RECORD:
                 self._install_key(body)
                 return
+            self._check_sealed_keys(rtype, body)
             self.state.validate(rtype, version, body)
             self.state.apply(rtype, version, body, self._unseal)
-        except (StorageError, ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:
             self.skipped += 1
             log.warning(
                 "skipped a record that does not apply",
@@ -330,7 +347,23 @@ class ReplicatedState:
             for hook in self.on_delete:
                 hook(owner)
 
-    def _install_key(self, body: Mapping[str, Any]) -> None:
+    def _check_sealed_keys(self, rtype: str, body: Mapping[str, Any]) -> None:
+        """Refuse a payload sealed under a data key the user does not have: two nodes made
+        a key for a new user at once, and this record was sealed under the one that lost
+        (skipped everywhere alike; its writer is told the account exists, see add_user)."""
+        list_key = _MULTI_PART.get(rtype)
+        parts = body.get(list_key) or () if list_key is not None else (body,)
+        for part in parts:
+            sealed, user = part.get("s"), part.get("u")
+            if isinstance(sealed, dict) and isinstance(user, str) and "k" in sealed:
+                keys = self.vault.export(user)
+                if keys is not None and sealed["k"] not in keys:
+                    raise StorageError(f"sealed under a data key {user} does not have")
+
+    def _install_key(self, body: Mapping[str, Any], *, authoritative: bool = False) -> None:
+        """Store a user's wrapped keys: from the log the first install wins (two nodes made a
+        key at once); from a snapshot (``authoritative``) the snapshot's keys replace whatever
+        this replica had (its key may be from a life of the account deleted since)."""
         user, rows = body.get("u"), body.get("w")
         if not isinstance(user, str) or not isinstance(rows, list) or not rows:
             raise StorageError("vault.key needs 'u' and 'w'")
@@ -341,6 +374,11 @@ class ReplicatedState:
             if not isinstance(row[1], bytes):
                 raise StorageError("a wrapped key is bytes")
             wrapped[row[0]] = row[1]
+        if authoritative:
+            if self.vault.export(user) != wrapped:
+                self.vault.destroy(user)
+                self.vault.install(user, wrapped)
+            return
         if user in self.state.accounts and self.vault.export(user) is None:
             raise StorageError(f"{user} exists without a key; refusing a late key")
         self.vault.install(user, wrapped)
@@ -402,7 +440,7 @@ class ReplicatedState:
                 self.vault.destroy(user)  # deleted in the history the snapshot covers
         for obj in decoded.values():
             for user, rows in (obj.get("keys") or {}).items():
-                self._install_key({"u": user, "w": rows})
+                self._install_key({"u": user, "w": rows}, authoritative=True)
         for view in self.state.views:
             shape = _SNAPSHOT_SHAPES[view.name]
             merged = _filter(shape, view.to_snapshot(), elsewhere)
@@ -559,7 +597,8 @@ class Replicator:
         #: How long one attempt waits before the batch is proposed again (it carries its
         #: batch id, so a copy that committed meanwhile is applied once).
         self.attempt_timeout = max(1.0, 20 * retry_interval)
-        self._forwarded: dict[int, tuple[trio.Event, list[Any]]] = {}
+        # Requests sent to leaders: id -> (the peer asked, its answer arrived, the answer).
+        self._forwarded: dict[int, tuple[str, trio.Event, list[Any]]] = {}
         self._serving = 0
         self._nursery: trio.Nursery | None = None
         self._stopped = False
@@ -587,6 +626,11 @@ class Replicator:
 
     def submit(self, record: Record) -> PendingReplicated:
         """Queue ``record`` (split by shard); never waits. The caller validated it."""
+        size = len(msgpack.packb(record.body, use_bin_type=True))
+        if size > MAX_RECORD_BYTES:
+            raise RecordTooLargeError(
+                f"a {record.type} record of {size} bytes exceeds {MAX_RECORD_BYTES} bytes"
+            )
         parts = split_record(record, self.shards)
         if self._stopped:
             pending = PendingReplicated(1)
@@ -635,7 +679,11 @@ class Replicator:
         while True:
             leader = self.driver.leader_node(group)
             if leader == self.node_id:
-                return self.driver.commit_index(group)
+                index = self.driver.read_index(group)
+                if index is not None:
+                    return index
+                await trio.sleep(self.retry_interval)  # a new leader: not yet caught up
+                continue
             attempt = min(deadline, trio.current_time() + self.attempt_timeout)
             try:
                 if leader is None:
@@ -654,10 +702,12 @@ class Replicator:
                 continue
             batch: list[tuple[Record, PendingReplicated]] = []
             size = 0
-            while outbox.items and len(batch) < MAX_BATCH_RECORDS and size < MAX_BATCH_BYTES:
-                item = outbox.items.popleft()
-                batch.append(item)
-                size += len(msgpack.packb(item[0].body, use_bin_type=True))
+            while outbox.items and len(batch) < MAX_BATCH_RECORDS:
+                record_bytes = len(msgpack.packb(outbox.items[0][0].body, use_bin_type=True))
+                if batch and size + record_bytes > MAX_BATCH_BYTES:
+                    break  # the next batch starts with it
+                batch.append(outbox.items.popleft())
+                size += record_bytes
             error: BaseException | None = CommitFailedError("the node is stopping")
             try:
                 outbox.seq += 1
@@ -721,7 +771,7 @@ class Replicator:
         request_id = next(self._ids)
         done = trio.Event()
         reply: list[Any] = []
-        self._forwarded[request_id] = (done, reply)
+        self._forwarded[request_id] = (leader, done, reply)
         try:
             if not self._send_app(leader, kind, {**body, "id": request_id}):
                 raise NotLeaderError(None)
@@ -733,7 +783,7 @@ class Replicator:
             kind, body = reply
             if kind == "fwd.done":
                 index = body.get("i")
-                if not isinstance(index, int) or index < 0:
+                if not isinstance(index, int) or isinstance(index, bool) or index < 0:
                     raise CommitFailedError(f"{group}: the leader sent a bad index")
                 return index
             code = body.get("e")
@@ -757,10 +807,14 @@ class Replicator:
                 self.rejected_frames += 1
                 return
             try:
-                leads = self.driver.leader_node(group) == self.node_id
+                index = (
+                    self.driver.read_index(group)
+                    if self.driver.leader_node(group) == self.node_id
+                    else None
+                )
                 answer: dict[str, Any] = (
-                    {"id": body["id"], "i": self.driver.commit_index(group)}
-                    if leads
+                    {"id": body["id"], "i": index}
+                    if index is not None
                     else {"id": body["id"], "e": "not-leader", "l": self.driver.leader_node(group)}
                 )
             except (KeyError, RuntimeError):
@@ -773,6 +827,15 @@ class Replicator:
             if not isinstance(group, str) or not isinstance(data, bytes):
                 self.rejected_frames += 1
                 return
+            try:  # a peer proposes its own batches only, for the group they belong to
+                batch, _records = decode_entry(data)
+            except (StorageError, ValueError, msgpack.ExtraData, msgpack.FormatError):
+                self.rejected_frames += 1
+                return
+            if batch.node != peer_id:
+                self.rejected_frames += 1
+                self._send_app(peer_id, "fwd.fail", {"id": body["id"], "e": "refused"})
+                return
             if self._serving >= MAX_FORWARDED or self._nursery is None:
                 self._send_app(peer_id, "fwd.fail", {"id": body["id"], "e": "busy"})
                 return
@@ -783,7 +846,10 @@ class Replicator:
         waiting = self._forwarded.get(body["id"])
         if waiting is None:
             return  # answered too late: the proposer gave up
-        done, reply = waiting
+        asked, done, reply = waiting
+        if asked != peer_id:
+            self.rejected_frames += 1  # only the node asked may answer
+            return
         reply[:] = [frame.kind, body]
         done.set()
 

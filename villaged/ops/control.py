@@ -31,12 +31,13 @@ import json
 import logging
 import os
 import socket
-import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
+
+from villaged.admin.server import remove_stale_socket
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -153,12 +154,10 @@ async def serve_control(
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
     try:
-        _remove_stale_socket(path)
-        old_umask = os.umask(0o177)  # never, even for an instant, more than 0600
-        try:
-            await sock.bind(str(path))
-        finally:
-            os.umask(old_umask)
+        remove_stale_socket(path)
+        # No umask games (the umask is the whole process's, and trio binds in a worker
+        # thread): the data directory is 0700, so nobody else reaches the socket meanwhile.
+        await sock.bind(str(path))
         bound = True
         os.chmod(path, 0o600)
         sock.listen(MAX_CONNECTIONS)
@@ -181,16 +180,6 @@ async def serve_control(
         if bound:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # noqa: ASYNC240 - one unlink while stopping
-
-
-def _remove_stale_socket(path: Path) -> None:
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
-    path.unlink()
 
 
 async def _serve_connection(stream: trio.SocketStream, state: _ServerState) -> None:

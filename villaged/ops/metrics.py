@@ -13,16 +13,18 @@ keeps (sessions, the log's last index) are read when scraped rather than updated
 from __future__ import annotations
 
 import platform
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 from villaged import __version__
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable, Mapping
 
     from villaged.ops.backup import BackupStatus
 
@@ -157,6 +159,11 @@ class Metrics:
         for name, documentation, function in gauges:
             Gauge(name, documentation, registry=self.registry).set_function(function)
 
+    def watch_cluster(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        """Report a cluster node's groups and links, read from ``status`` (the document of
+        ``villaged cluster status``) when scraped."""
+        self.registry.register(_ClusterCollector(status))
+
     def stanza_received(self, kind: str) -> None:
         self._stanzas_in[kind].inc()
 
@@ -200,3 +207,44 @@ class BackupWatch:
         while True:
             await self.refresh()
             await trio.sleep(BACKUP_STATUS_TTL_S)
+
+
+class _ClusterCollector(Collector):
+    """Raft state per group and link state per peer, as this node sees them."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        self._status = status
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # values only exist while the node runs; nothing to check up front
+
+    def collect(self) -> Iterable[Metric]:
+        document = self._status()
+        families = {
+            key: GaugeMetricFamily(f"villaged_cluster_group_{key}", text, labels=["group"])
+            for key, text in (
+                ("term", "The group's Raft term as this node knows it."),
+                ("commit", "The group's commit index as this node knows it."),
+                ("applied", "The last index of the group this node applied."),
+                ("leader", "1 if this node leads the group."),
+                ("has_leader", "1 if this node knows a leader of the group (0: no quorum)."),
+            )
+        }
+        me = document.get("node")
+        for group in document.get("groups", ()):
+            name = str(group["group"])
+            families["term"].add_metric([name], group["term"])
+            families["commit"].add_metric([name], group["commit"])
+            families["applied"].add_metric([name], group["applied"])
+            families["leader"].add_metric([name], 1 if group["leader"] == me else 0)
+            families["has_leader"].add_metric([name], 1 if group["leader"] else 0)
+        linked = GaugeMetricFamily(
+            "villaged_cluster_peer_linked",
+            "1 if this node's link to the peer is up.",
+            labels=["peer"],
+        )
+        for member in document.get("members", ()):
+            if member["id"] != me:
+                linked.add_metric([str(member["id"])], 1 if member["linked"] else 0)
+        yield from families.values()
+        yield linked
