@@ -81,7 +81,7 @@ def write_cluster(
         text = text.replace('node = "node1"', f'node = "{node.node_id}"', 1)
         text += (
             f'\n[cluster]\nenabled = true\nid = "test-cluster"\n'
-            f"replicas = {len(nodes)}\n"
+            f"replicas = {min(3, len(nodes))}\n"
             f"tick_ms = 50\n{extra_toml}\n{members}"
         )
         node.config.write_text(text)

@@ -149,6 +149,12 @@ async def test_losing_a_whole_zone_of_a_five_node_cluster(short_root: Path) -> N
         await cluster.add_users(["alice", "bob"])
         zone_a = ["n1", "n2"]
         survivors = ["n3", "n4", "n5"]
+        # Each shard has three voters, one per zone; the other two nodes follow it as
+        # learners (so every node serves every user from its own replica).
+        zone_of = dict(zip(["n1", "n2", "n3", "n4", "n5"], ("a", "a", "b", "b", "c"), strict=True))
+        for group in (await cluster.status("n3"))["groups"]:
+            voters = [v.split("~")[0] for v in group["voters"]]
+            assert sorted(zone_of[v] for v in voters) == ["a", "b", "c"], group
         sender = AckedSender(cluster, "alice", "bob@localhost", survivors, "a", pause_s=0.05)
         stop = trio.Event()
         async with trio.open_nursery() as sending:

@@ -1060,3 +1060,45 @@ def test_the_core_imports_no_io() -> None:
             imported.add(node.module.split(".")[0])
     assert imported
     assert not imported & {"trio", "socket", "time", "random", "os", "asyncio", "threading"}
+
+
+# --- learners -------------------------------------------------------------------------------
+
+
+def test_a_learner_gets_every_entry_but_neither_votes_nor_counts() -> None:
+    cluster = Cluster(("a", "b", "c"))
+    cluster.add("d", frozenset({"a", "b", "c"}))  # d knows the voters; it is not one
+    cluster.nodes["a"].set_learners({"d", "a"})  # (the leader itself is ignored)
+    leader = cluster.elect("a")
+    assert leader.learners == frozenset({"d"})
+    cluster.propose("a", b"x")
+    assert cluster.data_applied("d") == [b"x"]
+    # Commit needs a majority of the voters: the learner's ack does not count.
+    cluster.isolated = {"b", "c"}
+    index = cluster.propose("a", b"y")
+    assert leader.commit < index
+    assert cluster.nodes["d"].last_index == index  # it has the entry all the same
+    cluster.isolated = set()
+    cluster.tick("a")
+    assert leader.commit == index
+    # A learner never campaigns, whatever its timer says, and cannot be handed leadership.
+    cluster.isolated = {"a"}
+    cluster.tick("d", times=3 * ELECTION)
+    assert role(cluster.nodes["d"]) is Role.FOLLOWER
+    assert all(m.sender != "d" for m in cluster.sent_of(PreVoteRequest))
+    cluster.isolated = set()
+    with pytest.raises(ValueError, match="not a voter"):
+        leader.transfer_leadership("d")
+
+
+def test_learners_change_while_leading() -> None:
+    cluster = Cluster(("a", "b", "c"))
+    leader = cluster.elect("a")
+    cluster.add("d", frozenset({"a", "b", "c"}))
+    cluster.propose("a", b"before")
+    leader.set_learners({"d"})
+    cluster.tick("a")
+    assert cluster.data_applied("d") == [b"before"]  # caught up from the start
+    leader.set_learners(set())
+    cluster.propose("a", b"after")
+    assert cluster.data_applied("d") == [b"before"]  # no longer replicated to

@@ -160,7 +160,7 @@ def test_zones_are_given_round_robin(tmp_path: Path) -> None:
     config = load_config(result.nodes[4].config)
     assert [n.zone for n in config.cluster.nodes] == ["east", "west", "east", "west", "east"]
     assert config.listeners.c2s.bind == (Endpoint("127.0.0.1", 5262),)
-    assert config.cluster.replicas == 5  # every node replicates every shard
+    assert config.cluster.replicas == 3  # three voters per shard; the others are learners
 
 
 # --- conf/cluster ------------------------------------------------------------------------------

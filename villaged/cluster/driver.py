@@ -562,6 +562,15 @@ class NodeDriver:
             raise RuntimeError("bootstrap voters are set once, before run, for the same groups")
         self._bootstrap = {name: frozenset(voters) for name, voters in groups.items()}
 
+    async def set_learners(self, group_name: str, learners: Iterable[str]) -> None:
+        """Replicate the group to ``learners`` too while this node leads it (see
+        RaftNode.set_learners); a node that becomes leader later is told again."""
+        members = frozenset(learners)
+        await self._call(group_name, lambda node: node.set_learners(members))
+
+    def learners(self, group_name: str) -> frozenset[str]:
+        return self._groups[group_name].node.learners
+
     async def change_voters(self, group_name: str, *, add: str = "", remove: str = "") -> int:
         """On the leader: propose one membership change (add or remove one voter)."""
         if add:

@@ -30,7 +30,7 @@ from villaged.cluster import pki
 from villaged.cluster.driver import DriverConfig, NodeDriver
 from villaged.cluster.identity import Identity, IdentityError, decide, node_of, voter_id
 from villaged.cluster.links import LinkConfig, Peer, PeerLinks
-from villaged.cluster.placement import META_GROUP, Member, Placement, place
+from villaged.cluster.placement import META_GROUP, Member, Placement, group_ids, place
 from villaged.cluster.raft import RaftError
 from villaged.cluster.replicated import (
     MetaApplication,
@@ -106,7 +106,9 @@ class ClusterNode:
         node_id = config.server.node
         members = [Member(n.id, n.zone, str(n.address)) for n in cluster.nodes]
         placement = place(members, shards=cluster.shards, replicas=cluster.replicas)
-        hosted = placement.groups_on(node_id)
+        # Every node holds every group: as one of its voters (placement) or as a learner, so
+        # that any node serves any user from its own replica.
+        hosted = group_ids(cluster.shards)
         shared = ReplicatedState(store.state, store.vault, cluster.shards)
         # Addresses may differ between nodes (NAT, proxies): ids and zones must not.
         meta = MetaApplication({m.node_id: m.zone for m in members})
@@ -271,14 +273,14 @@ class ClusterNode:
             self.driver.set_bootstrap(
                 {
                     group: [voter_id(node, boot[node]) for node in placement.replicas[group]]
-                    for group in placement.groups_on(self.node_id)
+                    for group in group_ids(placement.shards)
                 }
             )
 
     async def _replace_lost_incarnations(self) -> None:
-        """As leader of a group: a member whose node came back as a new incarnation (an empty
-        disk) is replaced, one single-server change at a time: the old member out, the new in.
-        """
+        """As leader of a group: every other node (at its current incarnation) is a learner of
+        it, and a voter whose node came back as a new incarnation (an empty disk) is replaced,
+        one single-server change at a time: the old member out, the new in."""
         placement = self.placement
         assert placement is not None
         while True:
@@ -286,6 +288,9 @@ class ClusterNode:
             for group, status in self.driver.status().items():
                 if status.role.value != "leader":
                     continue
+                learners = _learners(placement.replicas[group], self.hellos, self.node_id)
+                if learners != self.driver.learners(group):
+                    await self.driver.set_learners(group, learners)
                 change = _membership_change(
                     status.voters, placement.replicas[group], self.hellos, self.node_id
                 )
@@ -506,3 +511,17 @@ def _shape_digest(config: Config) -> str:
         "members": sorted([n.id, n.zone] for n in cluster.nodes),
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _learners(
+    placed: Sequence[str],
+    hellos: Mapping[str, tuple[str, Mapping[str, str] | None]],
+    me: str,
+) -> frozenset[str]:
+    """The members a group's leader replicates to without their vote: every node heard from
+    that is not one of the group's placed voters, at its current incarnation."""
+    return frozenset(
+        voter_id(node, incarnation)
+        for node, (incarnation, _boot) in hellos.items()
+        if node not in placed and node != me
+    )

@@ -444,6 +444,10 @@ class RaftNode:
         self._timeout = self._random_timeout()
         self._votes: dict[str, bool] = {}
         self._progress: dict[str, _Follower] = {}
+        # Learners: replicas the leader keeps up to date that neither vote nor count for
+        # commit (every node of a cluster holds every shard; only some vote in it). Not part
+        # of the replicated configuration: each leader is told them (``set_learners``).
+        self._learners: frozenset[str] = frozenset()
         self._transferee: str | None = None
         self._transfer_elapsed = 0
         self._msgs: list[Message] = []
@@ -573,6 +577,17 @@ class RaftNode:
             raise ValueError("cannot remove the last voter")
         return self._propose_config(self.voters - {node_id})
 
+    def set_learners(self, learners: Iterable[str]) -> None:
+        """Replicate to ``learners`` too (when leading): they get every entry and snapshot but
+        never vote or count for commit. Voters among them are voters; this node is ignored."""
+        self._learners = frozenset(learners) - {self.id}
+        if self.role is Role.LEADER:
+            self._apply_config_to_progress()
+
+    @property
+    def learners(self) -> frozenset[str]:
+        return self._learners - self.voters
+
     def transfer_leadership(self, target: str) -> None:
         """Hand leadership to ``target``: stop taking proposals, catch it up, send TimeoutNow.
         Abandoned (proposals resume) if it has not happened within ``election_ticks``."""
@@ -581,7 +596,7 @@ class RaftNode:
             raise NotLeaderError(self.leader)
         if target == self.id or target == self._transferee:
             return
-        if target not in self._progress:
+        if target not in self._progress or target not in self.voters:
             raise ValueError(f"{target} is not a voter")
         self._transferee = target
         self._transfer_elapsed = 0
@@ -837,7 +852,9 @@ class RaftNode:
         self._votes = {}
         self._transferee = None
         self._progress = {
-            peer: _Follower(self.last_index + 1) for peer in sorted(self.voters) if peer != self.id
+            peer: _Follower(self.last_index + 1)
+            for peer in sorted(self.voters | self._learners)
+            if peer != self.id
         }
         self._leader_append(EntryKind.NOOP, b"")
 
@@ -1008,12 +1025,12 @@ class RaftNode:
         return self._leader_append(EntryKind.CONFIG, encode_voters(voters))
 
     def _apply_config_to_progress(self) -> None:
-        voters = self.voters
-        for peer in sorted(voters):
+        wanted = self.voters | self._learners
+        for peer in sorted(wanted):
             if peer != self.id and peer not in self._progress:
                 self._progress[peer] = _Follower(self.last_index + 1)
         for peer in list(self._progress):
-            if peer not in voters:
+            if peer not in wanted:
                 del self._progress[peer]
 
     def _broadcast_append(self, *, send_if_empty: bool) -> None:

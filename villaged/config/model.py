@@ -662,13 +662,10 @@ class ClusterConfig:
             if node.id in seen:
                 raise SettingError(name(f"nodes[{index}].id"), f'"{node.id}" is listed twice')
             seen.add(node.id)
-        if self.replicas != len(self.nodes):
-            # Every node serves every user from its own replica of every shard: until nodes
-            # can follow shards they do not vote in, each node must replicate all of them.
+        if self.replicas > len(self.nodes):
             raise SettingError(
                 name("replicas"),
-                f"is {self.replicas} but {len(self.nodes)} nodes are listed; in this version "
-                "every node replicates every shard, so replicas must equal the number of nodes",
+                f"is {self.replicas} but only {len(self.nodes)} nodes are listed",
             )
 
     def member(self, node_id: str) -> ClusterNodeConfig | None:

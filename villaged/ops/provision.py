@@ -261,7 +261,7 @@ CLUSTER_CA_NAME = "cluster/ca.crt"
 CLUSTER_CERT_NAME = "cluster/node.crt"
 CLUSTER_KEY_NAME = "cluster/node.key"
 DEMO_ACCOUNTS_NAME = "demo-accounts.txt"
-#: Every node replicates every shard for now, and [cluster] replicas is at most 7.
+#: A dev cluster's size (each shard has min(3, nodes) voters, the other nodes follow it).
 MAX_CLUSTER_NODES: Final = 7
 #: Each node's ports start this far after the previous node's.
 NODE_PORT_STRIDE: Final = 10
@@ -468,5 +468,5 @@ id = "{cluster_id}"
 ca_file = "{CLUSTER_CA_NAME}"
 cert_file = "{CLUSTER_CERT_NAME}"
 key_file = "{CLUSTER_KEY_NAME}"
-replicas = {len(layout)}
+replicas = {min(3, len(layout))}
 {members}"""
