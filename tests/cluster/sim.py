@@ -241,6 +241,10 @@ class Sim:
     def run(self) -> SimResult:
         for node_id in sorted(INITIAL_VOTERS):
             self.start(self.nodes[node_id])
+        if self.seed % 2:
+            # Odd seeds: a learner from the start (every entry and snapshot, never a vote or
+            # a count toward commit), as every node of a cluster that is not a shard's voter.
+            self.start(self.nodes[NODE_IDS[3]])
         for client in self.clients.values():
             self.at(self.rng.randrange(50, 300), self.client_write, client)
         if self.options.faults:
@@ -361,6 +365,8 @@ class Sim:
             raft.advance(ready)
             if ready.soft_state is not None:
                 self.observe_role(node, raft)
+            if raft.role is Role.LEADER:
+                self.keep_learners(raft)
             every = self.compact_every
             if every and raft.applied - raft.snapshot.index >= every:
                 snap = raft.compact(raft.applied, node.machine.to_bytes())
@@ -433,6 +439,12 @@ class Sim:
                     f" entry {index} (term {term})"
                 )
         self.check_log_matching()
+
+    def keep_learners(self, raft: RaftNode) -> None:
+        """Like a cluster node's leader: every started node that does not vote is a learner."""
+        learners = frozenset(n.id for n in self.nodes.values() if n.started) - raft.voters
+        if raft.learners != learners:
+            raft.set_learners(learners)
 
     def live(self) -> list[SimNode]:
         return [node for node in self.nodes.values() if node.raft is not None]
@@ -621,7 +633,7 @@ class Sim:
         raft = leader.raft
         if raft.commit != raft.last_index or raft.term_at(raft.commit) != raft.term:
             return False
-        for node_id in raft.voters:
+        for node_id in raft.voters | raft.learners:
             member = self.nodes[node_id].raft
             if member is None or member.applied != raft.commit or member.leader != leader.id:
                 return False
@@ -673,7 +685,7 @@ class Sim:
         for user, seq in self.acked:
             if (user, seq) not in set(reference):
                 raise self.fail(f"acknowledged write {user}:{seq} lost")
-        for node_id in sorted(leader.raft.voters):
+        for node_id in sorted(leader.raft.voters | leader.raft.learners):
             member = self.nodes[node_id]
             if member.machine.writes != reference:
                 raise self.fail(

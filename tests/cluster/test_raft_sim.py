@@ -128,8 +128,8 @@ class ForgetsItsVote(RaftNode):
 
 
 def test_the_vote_checker_catches_a_core_that_forgets_its_vote() -> None:
-    # Found by running this variant over 1,500 seeds (6 catches there, none by the other
-    # checkers): the runs are deterministic, so these seeds catch it every time.
-    for seed in (367, 378, 446, 946):
+    # Found by running this variant over 3,000 seeds (5 catches, none by the other checkers;
+    # odd seeds run with a learner): the runs are deterministic, so these catch it every time.
+    for seed in (81, 378, 446, 600):  # 81: with a learner (odd seeds have one)
         with pytest.raises(SimCheckError, match=r" voted for n\d and n\d in term \d+"):
             run_seed(seed, SimOptions(node_class=ForgetsItsVote))
