@@ -59,7 +59,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from villaged.admin.server import AdminContext
+    from villaged.cluster.wire import AppFrame
     from villaged.config.model import Config
+    from villaged.im.sessions import Session
 
 log = logging.getLogger("villaged.app")
 
@@ -268,14 +270,30 @@ def _join_cluster(node: Node, presence: Presence) -> ClusterNode:
         cluster.node_id, node.sessions, cluster.links.send_app, cluster.links.peers()
     )
     node.c2s.session_observer = mirror
-    cluster.routes.append(
-        FrameRoute("sess.", lambda peer, frame: mirror.receive(peer, frame.kind, frame.body))
-    )
     cluster.on_link_up.append(mirror.link_up)
+    # Sessions of a peer taken for gone (its contacts here were told they left), by peer:
+    # when the peer announces them again, those contacts are told they are back.
+    taken_for_gone: dict[str, set[str]] = {}
+
+    def here(session: Session) -> bool:
+        return not isinstance(session, RemoteSession)
+
+    def session_frame(peer: str, frame: AppFrame) -> None:
+        mirror.receive(peer, frame.kind, frame.body)
+        gone = taken_for_gone.get(peer)
+        if gone and frame.kind in ("sess.sync", "sess.up"):
+            for session in mirror.remote_sessions(peer):
+                if str(session.jid) in gone and session.available:
+                    gone.discard(str(session.jid))
+                    presence.back_elsewhere(session, here)
+
+    cluster.routes.append(FrameRoute("sess.", session_frame))
 
     def peer_lost(peer: str) -> None:
-        for gone in mirror.peer_lost(peer):
-            presence.gone_elsewhere(gone, lambda s: not isinstance(s, RemoteSession))
+        gone = taken_for_gone.setdefault(peer, set())
+        for session in mirror.peer_lost(peer):
+            if presence.gone_elsewhere(session, here) or session.available:
+                gone.add(str(session.jid))
 
     cluster.on_peer_lost.append(peer_lost)
     node.status.quorum = cluster.has_quorum

@@ -13,7 +13,7 @@ import trio
 from tests.cluster.harness import wait_until, write_cluster
 from tests.net.rawclient import RawClient
 from villaged.app import run_node
-from villaged.cluster.sessions import RemoteSession
+from villaged.cluster.sessions import RemoteSession, SessionMirror
 from villaged.config import load_config
 from villaged.im.roster import RosterView
 
@@ -69,6 +69,17 @@ async def synced(client: RawClient) -> list[ET.Element]:
     while (element := await client.element()).get("id") != "sync":
         got.append(element)
     return got
+
+
+async def presence_of(client: RawClient, bare: str) -> str | None:
+    """The type of the next presence ``client`` gets from ``bare`` (None: available)."""
+    with trio.fail_after(5):
+        while True:
+            element = await client.element()
+            if element.tag == "{jabber:client}presence" and element.get("from", "").startswith(
+                bare
+            ):
+                return element.get("type")
 
 
 def message(to: str, body: str) -> bytes:
@@ -155,6 +166,16 @@ async def test_sessions_on_other_nodes_get_messages_and_presence(tmp_path: Path)
         with trio.fail_after(5):
             while "live" not in bodies([await bob.element()]):
                 pass
+        # bob's node is taken for gone by alice's node (its link stayed down): alice sees bob
+        # leave; when bob's node announces its sessions again, she sees him back.
+        assert nodes[0].cluster is not None
+        for hook in nodes[0].cluster.on_peer_lost:
+            hook("n2")
+        assert await presence_of(alice, "bob@localhost") == "unavailable"
+        mirror = nodes[1].c2s.session_observer
+        assert isinstance(mirror, SessionMirror)
+        mirror.link_up("n1")
+        assert await presence_of(alice, "bob@localhost") is None  # available
         # bob logs out on his node: alice, on another, sees him leave.
         assert any(isinstance(s, RemoteSession) for s in nodes[0].sessions.all())
         await bob.send(b"<presence type='unavailable'/>")

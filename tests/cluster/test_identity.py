@@ -79,3 +79,45 @@ def test_a_lost_incarnation_is_removed_then_the_new_one_added() -> None:
     assert _membership_change(voters - {"n3~c"} | {"n3~new"}, placed, hellos, "n1") is None
     # Nothing is known of a node not heard from: nothing changes.
     assert _membership_change(voters, placed, {}, "n1") is None
+
+
+def test_a_log_without_its_identity_or_an_identity_without_its_log_is_refused(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "cluster"
+    identity = Identity.load_or_create(directory)
+    identity.decide(directory, boot=None, joiner=True)
+    assert Identity.load_or_create(directory).joiner  # decided, its (empty) log is there
+    (directory / "wal").rmdir()
+    # The log is gone but the identity says the node started: it would forget its votes.
+    with pytest.raises(IdentityError, match=r"Raft log \(.*\) is gone"):
+        Identity.load_or_create(directory)
+    (directory / "wal").mkdir()
+    (directory / "wal/00000000000000000001.seg").write_bytes(b"x")
+    (directory / "identity.json").unlink()
+    with pytest.raises(IdentityError, match="holds a Raft log but"):
+        Identity.load_or_create(directory)
+
+
+def test_a_joiner_peer_proves_the_cluster_runs() -> None:
+    assert Identity("aaaa", None, joiner=True).advertised_boot == {}
+    assert Identity("aaaa").advertised_boot is None
+    me = Identity("ffff")
+    # Every peer is a joiner (each lost its disk once): still a running cluster, never a
+    # new one started from empty logs.
+    assert decide("n1", me, {"n2": ("bbbb", {}), "n3": ("cccc", {})}, PEERS) == (None, True)
+
+
+def test_conflicting_or_malformed_boots_are_not_followed() -> None:
+    me = Identity("aaaa")
+    one = {"n1": "aaaa", "n2": "bbbb", "n3": "cccc"}
+    other = {"n1": "aaaa", "n2": "bbbb", "n3": "dddd"}
+    assert decide("n1", me, {"n2": ("bbbb", one), "n3": ("dddd", other)}, PEERS) is None
+    # A boot that does not list exactly the configured nodes proves only that it started.
+    assert decide("n1", me, {"n2": ("bbbb", {"n1": "aaaa", "n2": "bbbb"})}, PEERS) == (
+        None,
+        True,
+    )
+    # A hello without an incarnation (an older node) changes no membership.
+    voters = frozenset({"n1~a", "n2~b", "n3~c"})
+    assert _membership_change(voters, ("n1", "n2", "n3"), {"n3": ("", None)}, "n1") is None

@@ -742,6 +742,30 @@ async def test_a_forwarded_proposal_is_proposed_and_answered(
     assert replicator.forwarded_in == 1
 
 
+async def test_a_batch_forwarded_again_while_its_first_copy_waits_is_proposed_once(
+    replicator: Replicator, peers: Peers, driver: StubDriver
+) -> None:
+    release = trio.Event()
+    proposed = driver.propose
+
+    async def slow_propose(group: str, data: bytes) -> tuple[int, int]:
+        await release.wait()  # the leader's disk is slow: the sender retries meanwhile
+        return await proposed(group, data)
+
+    driver.propose = slow_propose  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(replicator.run)
+        replicator.receive("n2", _propose_frame("n2", request_id=1))
+        await wait_all_tasks_blocked()
+        replicator.receive("n2", _propose_frame("n2", request_id=2))  # the same batch id
+        await wait_all_tasks_blocked()
+        release.set()
+        await wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert len(driver.proposed) == 1
+    assert sorted(body["id"] for _, kind, body in peers.sent if kind == "fwd.done") == [1, 2]
+
+
 def test_a_forwarded_proposal_before_running_is_busy(replicator: Replicator, peers: Peers) -> None:
     replicator.receive("n2", _propose_frame("n2", request_id=4))
     assert peers.sent == [("n2", "fwd.fail", {"id": 4, "e": "busy"})]

@@ -72,12 +72,30 @@ class Identity:
     def decided(self) -> bool:
         return self.boot is not None or self.joiner
 
+    @property
+    def advertised_boot(self) -> dict[str, str] | None:
+        """What the hello says: the boot membership, ``{}`` for a joiner (the cluster runs,
+        this node did not start it), None while undecided."""
+        if self.boot is not None:
+            return dict(self.boot)
+        return {} if self.joiner else None
+
     @classmethod
     def load_or_create(cls, directory: Path) -> Identity:
+        """The identity of the data directory's cluster side (``directory``, which also holds
+        the Raft log in ``wal/``). A log without an identity, or a started identity without a
+        log, is refused: the node would vote with votes it has forgotten."""
         path = directory / FILE_NAME
+        wal = directory / "wal"
+        has_log = wal.is_dir() and any(wal.iterdir())
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
+            if has_log:
+                raise IdentityError(
+                    f"{wal} holds a Raft log but {path} is missing; restore it, or empty"
+                    f" {directory} to rejoin as a new incarnation"
+                ) from None
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             identity = cls(secrets.token_hex(4))
             identity.save(directory)
@@ -96,9 +114,17 @@ class Identity:
                 raise ValueError("bad boot")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IdentityError(f"{path} is damaged: {exc}") from None
-        return cls(incarnation, boot, bool(joiner))
+        identity = cls(incarnation, boot, bool(joiner))
+        if identity.decided and not wal.is_dir():  # (``decide`` makes it first)
+            raise IdentityError(
+                f"{path} says this node has started but its Raft log ({wal}) is gone; remove"
+                f" {directory} entirely to rejoin as a new incarnation"
+            )
+        return identity
 
     def decide(self, directory: Path, *, boot: Mapping[str, str] | None, joiner: bool) -> Identity:
+        # The log's directory first: a decided identity without it means the log was lost.
+        (directory / "wal").mkdir(mode=0o700, exist_ok=True)
         decided = Identity(self.incarnation, dict(boot) if boot is not None else None, joiner)
         decided.save(directory)
         return decided
@@ -125,12 +151,27 @@ def decide(
     peers: frozenset[str],
 ) -> tuple[Mapping[str, str] | None, bool] | None:
     """The start-up decision of an undecided node from the hellos heard so far (peer →
-    (incarnation, boot)): ``(boot, joiner)``, or None while it must wait for more peers."""
+    (incarnation, advertised boot)): ``(boot, joiner)``, or None while it must wait.
+
+    A peer that started the cluster with this incarnation is followed; any other started
+    peer (its boot names another incarnation of this node, or it is a joiner itself: ``{}``)
+    proves the cluster runs, so this node joins it. Boots that are malformed (not exactly the
+    configured nodes, incarnations not alphanumeric) or that disagree are never followed."""
+    nodes = peers | {me}
+    boots = []
+    started = False
     for _incarnation, boot in hellos.values():
         if boot is None:
             continue
-        if boot.get(me) == identity.incarnation:
-            return boot, False
+        started = True
+        if boot and set(boot) == nodes and all(i.isalnum() for i in boot.values()):
+            boots.append(dict(boot))
+    mine = [b for b in boots if b.get(me) == identity.incarnation]
+    if mine:
+        if any(b != mine[0] for b in boots):
+            return None  # conflicting memberships: wait (the operator is told)
+        return mine[0], False
+    if started:
         return None, True
     if peers <= set(hellos):
         everyone = {peer: hellos[peer][0] for peer in peers}

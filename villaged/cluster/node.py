@@ -228,7 +228,7 @@ class ClusterNode:
 
     def _boot(self) -> dict[str, str] | None:
         identity = self.identity
-        return None if identity is None or identity.boot is None else dict(identity.boot)
+        return None if identity is None else identity.advertised_boot
 
     def _heard(self, hello: Hello) -> None:
         self.hellos[hello.node_id] = (hello.incarnation, hello.boot)
@@ -487,6 +487,7 @@ def _membership_change(
 ) -> tuple[str, str] | None:
     """(add, remove) — one of them empty — bringing ``voters`` to the current incarnations of
     the ``placed`` nodes as heard in their hellos; None when nothing is to change."""
+    hellos = {node: hello for node, hello in hellos.items() if hello[0]}  # no incarnation: skip
     for voter in sorted(voters):
         node = node_of(voter)
         current = hellos.get(node)
@@ -523,5 +524,5 @@ def _learners(
     return frozenset(
         voter_id(node, incarnation)
         for node, (incarnation, _boot) in hellos.items()
-        if node not in placed and node != me
+        if node not in placed and node != me and incarnation
     )

@@ -564,6 +564,13 @@ class PendingReplicated:
 
 
 @dataclass
+class _Proposing:
+    done: trio.Event = field(default_factory=trio.Event)
+    result: tuple[int, int] = (0, 0)
+    error: Exception | None = None
+
+
+@dataclass
 class _Outbox:
     group: str
     items: deque[tuple[Record, PendingReplicated]] = field(default_factory=deque)
@@ -600,6 +607,7 @@ class Replicator:
         # Requests sent to leaders: id -> (the peer asked, its answer arrived, the answer).
         self._forwarded: dict[int, tuple[str, trio.Event, list[Any]]] = {}
         self._serving = 0
+        self._proposing: dict[tuple[str, BatchId], _Proposing] = {}
         self._nursery: trio.Nursery | None = None
         self._stopped = False
         self.forwarded_out = 0
@@ -841,7 +849,7 @@ class Replicator:
                 return
             self._serving += 1
             self.forwarded_in += 1
-            self._nursery.start_soon(self._serve_forwarded, peer_id, body["id"], group, data)
+            self._nursery.start_soon(self._serve_forwarded, peer_id, body["id"], group, data, batch)
             return
         waiting = self._forwarded.get(body["id"])
         if waiting is None:
@@ -853,13 +861,35 @@ class Replicator:
         reply[:] = [frame.kind, body]
         done.set()
 
+    async def _propose_once(self, group: str, data: bytes, batch: BatchId) -> tuple[int, int]:
+        """Propose a forwarded batch, or, when the same batch is already being proposed here
+        (its sender retried while the first copy waits for its commit), wait for that one: a
+        slow disk must not fill the log with copies of one batch."""
+        key = (group, batch)
+        first = self._proposing.get(key)
+        if first is not None:
+            await first.done.wait()
+            if first.error is not None:
+                raise first.error
+            return first.result
+        mine = self._proposing[key] = _Proposing()
+        try:
+            mine.result = await self.driver.propose(group, data)
+            return mine.result
+        except BaseException as exc:
+            mine.error = exc if isinstance(exc, Exception) else ProposalLostError("cancelled")
+            raise
+        finally:
+            del self._proposing[key]
+            mine.done.set()
+
     async def _serve_forwarded(
-        self, peer_id: str, request_id: int, group: str, data: bytes
+        self, peer_id: str, request_id: int, group: str, data: bytes, batch: BatchId
     ) -> None:
         try:
             try:
                 with trio.fail_after(self.commit_timeout):
-                    index, term = await self.driver.propose(group, data)
+                    index, term = await self._propose_once(group, data, batch)
             except NotLeaderError as exc:
                 answer = {"id": request_id, "e": "not-leader", "l": exc.leader}
                 self._send_app(peer_id, "fwd.fail", answer)

@@ -256,7 +256,11 @@ def parse_payload(payload: bytes) -> Frame:
         incarnation, boot = obj.get("inc", ""), obj.get("boot")
         if not isinstance(node_id, str) or not node_id or not isinstance(cluster_id, str):
             raise MalformedFrameError("hello needs string 'hello' and 'cluster'")
-        if not isinstance(incarnation, str) or len(incarnation) > 64:
+        if (
+            not isinstance(incarnation, str)
+            or len(incarnation) > 64
+            or not (incarnation == "" or incarnation.isalnum())
+        ):
             raise MalformedFrameError("hello has a bad 'inc'")
         if boot is not None and not (
             isinstance(boot, dict)

@@ -124,6 +124,18 @@ class Presence:
         if not session.available:
             return 0
         gone = ET.Element(PRESENCE, {"type": "unavailable", "from": str(session.jid)})
+        return self._tell_here(session, gone, here)
+
+    def back_elsewhere(self, session: Session, here: Callable[[Session], bool]) -> int:
+        """``session``, on another cluster node, was taken for gone (its node's link stayed
+        down) and is announced again: this node's own sessions see it available again."""
+        if not session.available or session.presence is None:
+            return 0
+        return self._tell_here(session, readdressed(session.presence, None), here)
+
+    def _tell_here(
+        self, session: Session, presence: ET.Element, here: Callable[[Session], bool]
+    ) -> int:
         user = session.jid.bare
         targets = [s for s in self.ctx.sessions.of_user(user) if s is not session]
         if self.roster is not None:
@@ -132,7 +144,9 @@ class Presence:
         told = 0
         for target in targets:
             if here(target) and target.available:
-                target.send(readdressed(gone, target.jid))
+                stamped = readdressed(presence, target.jid)
+                stamped.set("from", str(session.jid))
+                target.send(stamped)
                 told += 1
         return told
 
