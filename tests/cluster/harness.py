@@ -46,16 +46,20 @@ def write_cluster(
     *,
     dial: Callable[[str, str, int], int] | None = None,
     extra_toml: str = "",
+    port_bases: Sequence[int] | None = None,
 ) -> list[NodeFiles]:
     """One node directory per zone entry (``n1``, ``n2``...). ``dial(from, to, port)`` is the
     port node ``from`` dials to reach node ``to`` (whose listener is on ``port``): a proxy's."""
+    if port_bases is None:  # one free range for all: ranges picked one by one could overlap
+        first = free_port_base(7 * len(zones))
+        port_bases = [first + 7 * k for k in range(len(zones))]
     now = datetime.now(UTC)
     ca = pki.create_ca("test-cluster", now)
     nodes: list[NodeFiles] = []
     for number, zone in enumerate(zones, start=1):
         node_id = f"n{number}"
         directory = root / node_id
-        base = free_port_base()
+        base = port_bases[number - 1]
         result = init_dev(directory, port_base=base, now=now)
         nodes.append(NodeFiles(node_id, zone, directory, result.config, base))
     keyset = nodes[0].directory / KEYSET_NAME

@@ -7,6 +7,7 @@ Accounts are made through a node's control socket, as ``villaged user add`` does
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from villaged.config import load_config
 from villaged.ops.control import ControlError, call_control, control_socket_path
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import AsyncIterator, Sequence
     from pathlib import Path
 
 SM = "urn:xmpp:sm:3"
@@ -45,13 +46,18 @@ class RunningCluster:
     async def start(self) -> None:
         ids = [f"n{k}" for k in range(1, len(self.zones) + 1)]
         pairs = [(a, b) for a in ids for b in ids if a != b]
-        base = free_port_base(len(pairs))
-        ports = {pair: base + k for k, pair in enumerate(pairs)}
+        # One free range for everything (node listeners, then the proxies): ranges picked
+        # one after another could overlap, as none is bound until the processes start.
+        per_node = 7
+        base = free_port_base(per_node * len(ids) + len(pairs))
+        first_proxy = base + per_node * len(ids)
+        ports = {pair: first_proxy + k for k, pair in enumerate(pairs)}
         for node in write_cluster(
             self.root,
             self.zones,
             dial=lambda a, b, own: ports.get((a, b), own),
             extra_toml=self.extra_toml,
+            port_bases=[base + per_node * k for k in range(len(ids))],
         ):
             self.files[node.node_id] = node
         for (source, target), port in ports.items():
@@ -81,7 +87,9 @@ class RunningCluster:
 
     async def ready(self, node_id: str) -> bool:
         process = self.processes[node_id]
-        assert process.poll() is None, f"{node_id} exited; see its villaged.log"
+        if process.poll() is not None:
+            log = (self.files[node_id].directory / "villaged.log").read_text(errors="replace")
+            raise AssertionError(f"{node_id} exited; the end of its log:\n{log[-3000:]}")
         try:
             stream = await trio.open_tcp_stream("127.0.0.1", self.files[node_id].http)
         except OSError:
@@ -153,6 +161,23 @@ class RunningCluster:
         )
         await client.login(user, f"{user}-password", starttls=False, resource=resource)
         return client
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(
+    root: Path, zones: Sequence[str], extra_toml: str = ""
+) -> AsyncIterator[RunningCluster]:
+    """A started cluster; every node process is stopped on the way out, whatever happened
+    (SIGTERM, then SIGKILL: a failed test leaves no process behind)."""
+    async with trio.open_nursery() as nursery:
+        cluster = RunningCluster(root, zones, nursery, extra_toml)
+        try:
+            await cluster.start()
+            yield cluster
+        finally:
+            with trio.CancelScope(shield=True):
+                await cluster.stop_all()
+            nursery.cancel_scope.cancel()
 
 
 @dataclass

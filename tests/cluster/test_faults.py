@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from tests.cluster.running import AckedSender, RunningCluster
+from tests.cluster.running import AckedSender, RunningCluster, running_cluster
 from tests.e2e.test_durability import archived_bodies
 from tests.e2e.test_sm_durability import delivered as offline_flush
 from villaged.cluster.placement import group_of
@@ -72,9 +72,7 @@ def resumed_within(sender: AckedSender, since: float) -> float:
 
 
 async def test_sigkill_a_follower_then_a_shard_leader(short_root: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        cluster = RunningCluster(short_root, ("a", "b", "c"), nursery)
-        await cluster.start()
+    async with running_cluster(short_root, ("a", "b", "c")) as cluster:
         await cluster.add_users(["alice", "bob", "carol", "dave"])
         leader = await cluster.leader_of(group_of("bob@localhost"))
         others = [n for n in cluster.alive() if n != leader]
@@ -109,14 +107,10 @@ async def test_sigkill_a_follower_then_a_shard_leader(short_root: Path) -> None:
             await trio.sleep(1)
             stop.set()
         await check_delivered(cluster, senders)
-        await cluster.stop_all()
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_leader_cut_off_from_the_others(short_root: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        cluster = RunningCluster(short_root, ("a", "b", "c"), nursery)
-        await cluster.start()
+    async with running_cluster(short_root, ("a", "b", "c")) as cluster:
         await cluster.add_users(["alice", "bob"])
         leader = await cluster.leader_of(group_of("bob@localhost"))
         others = [n for n in cluster.alive() if n != leader]
@@ -138,14 +132,10 @@ async def test_a_leader_cut_off_from_the_others(short_root: Path) -> None:
             stop.set()
         # The old leader is a follower again and has every acknowledged message.
         await check_delivered(cluster, [sender])
-        await cluster.stop_all()
-        nursery.cancel_scope.cancel()
 
 
 async def test_losing_a_whole_zone_of_a_five_node_cluster(short_root: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        cluster = RunningCluster(short_root, ("a", "a", "b", "b", "c"), nursery)
-        await cluster.start()
+    async with running_cluster(short_root, ("a", "a", "b", "b", "c")) as cluster:
         await cluster.add_users(["alice", "bob"])
         zone_a = ["n1", "n2"]
         survivors = ["n3", "n4", "n5"]
@@ -169,15 +159,11 @@ async def test_losing_a_whole_zone_of_a_five_node_cluster(short_root: Path) -> N
             assert resumed < RESUME_S, f"writes resumed after {resumed:.1f} s"
             stop.set()
         await check_delivered(cluster, [sender])
-        await cluster.stop_all()
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_node_whose_disk_is_lost_rejoins_and_catches_up(short_root: Path) -> None:
-    async with trio.open_nursery() as nursery:
-        # Small snapshots: the new node gets most of its shards' state by InstallSnapshot.
-        cluster = RunningCluster(short_root, ("a", "b", "c"), nursery, "snapshot_every = 100")
-        await cluster.start()
+    # Small snapshots: the new node gets most of its shards' state by InstallSnapshot.
+    async with running_cluster(short_root, ("a", "b", "c"), "snapshot_every = 100") as cluster:
         await cluster.add_users(["alice", "bob"])
         sender = AckedSender(cluster, "alice", "bob@localhost", ["n1", "n2"], "a", pause_s=0)
         await sender.run(trio.Event(), LIMIT)
@@ -205,5 +191,3 @@ async def test_a_node_whose_disk_is_lost_rejoins_and_catches_up(short_root: Path
                     break
                 await trio.sleep(0.2)
         await check_delivered(cluster, [sender])
-        await cluster.stop_all()
-        nursery.cancel_scope.cancel()

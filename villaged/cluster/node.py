@@ -4,13 +4,17 @@ This module owns the assembly of :mod:`villaged.cluster`'s parts for one running
 from ``[cluster]`` (app.py calls :meth:`ClusterNode.build` and runs :meth:`ClusterNode.run` in
 the store's nursery, so the groups outlive every client connection): the mutual-TLS
 :class:`~villaged.cluster.links.PeerLinks` and their listener, the
-:class:`~villaged.cluster.driver.NodeDriver` with the meta group and every shard this node
-replicates, the :class:`~villaged.cluster.replicated.Replicator` the store writes through, and
-the session mirror that makes other nodes' sessions routable here. Application frames from
-peers are dispatched by kind. It also answers what operators ask: the status document
-(``villaged cluster status``) and whether the node can serve (every group has a leader).
+:class:`~villaged.cluster.driver.NodeDriver` with the meta group and every shard (this node
+votes in the groups the placement gives it and is a learner of the others), the
+:class:`~villaged.cluster.replicated.Replicator` the store writes through, and the session
+mirror that makes other nodes' sessions routable here (wired by app.py). Application frames
+from peers are dispatched by kind. As a group's leader it keeps the group's learners and
+replaces members that came back as new incarnations (:mod:`villaged.cluster.identity`). It
+also answers what operators ask: the status document (``villaged cluster status``, the
+control socket's handlers) and whether the node can serve (every group has a leader).
 
-Start-up order matters: the driver restores every group, the node applies what its log says
+Start-up order matters: the links come up first (a new cluster's membership is decided from
+the peers' hellos), then the driver restores every group, the node applies what its log says
 was committed (so a restarted node never serves older state than it acknowledged), and only
 then does app.py open the client listeners.
 """
