@@ -121,6 +121,12 @@ class RunningCluster:
             if node_id in (source, target):
                 proxy.cut(reset=True)
 
+    def mute(self, node_id: str) -> None:
+        """Drop everything ``node_id`` sends to the others (one way: it still hears them)."""
+        for (source, _target), proxy in self.proxies.items():
+            if source == node_id:
+                proxy.drop("forward")
+
     def heal(self) -> None:
         for proxy in self.proxies.values():
             proxy.heal()

@@ -1,9 +1,9 @@
 """Real processes, real faults: three (or five) `villaged run` nodes in distinct zones on
 loopback, every link through a fault proxy, clients sending with XEP-0198 acks while the test
-SIGKILLs a follower, SIGKILLs a shard leader, cuts a leader off, or kills a whole zone. After
-healing, every acknowledged message is in the recipient's archive on every node, and the
-recipient's offline queue hands each one over exactly once; writes resume within 5 s of a
-leader's loss."""
+SIGKILLs a follower, SIGKILLs a shard leader, cuts a leader off (both ways, or only what it
+sends), kills a whole zone, or wipes a node's disk. After healing, every acknowledged message
+is in the recipient's archive on every node, and the recipient's offline queue hands each one
+over exactly once; writes resume within 5 s of a leader's loss."""
 
 from __future__ import annotations
 
@@ -131,6 +131,31 @@ async def test_a_leader_cut_off_from_the_others(short_root: Path) -> None:
             await trio.sleep(2)
             stop.set()
         # The old leader is a follower again and has every acknowledged message.
+        await check_delivered(cluster, [sender])
+
+
+async def test_a_leader_that_can_hear_but_not_be_heard(short_root: Path) -> None:
+    # One-way: the leader's messages are dropped, the others' still reach it. It must not keep
+    # the group (check-quorum: it hears no acknowledgement) and the others elect a new leader.
+    async with running_cluster(short_root, ("a", "b", "c")) as cluster:
+        await cluster.add_users(["alice", "bob"])
+        leader = await cluster.leader_of(group_of("bob@localhost"))
+        others = [n for n in cluster.alive() if n != leader]
+        sender = AckedSender(cluster, "alice", "bob@localhost", others, "a", pause_s=0.05)
+        stop = trio.Event()
+        async with trio.open_nursery() as sending:
+            sending.start_soon(sender.run, stop, LIMIT)
+            await trio.sleep(1.5)
+            muted_at = trio.current_time()
+            cluster.mute(leader)
+            await trio.sleep(RESUME_S + 1)
+            resumed = resumed_within(sender, muted_at)
+            print(f"writes resumed {resumed:.2f} s after the fault")
+            assert resumed < RESUME_S, f"writes resumed after {resumed:.1f} s"
+            assert await cluster.leader_of(group_of("bob@localhost")) != leader
+            cluster.heal()
+            await trio.sleep(2)
+            stop.set()
         await check_delivered(cluster, [sender])
 
 
