@@ -632,6 +632,22 @@ def test_compaction_and_install_snapshot_for_a_lagging_follower() -> None:
     assert ready.messages == (AppendResponse(G, "c", "a", 1, True, 7),)
 
 
+def test_a_node_that_knows_no_voters_yet_does_not_compact() -> None:
+    # A joiner starts knowing no voters and learns them from configuration entries; a snapshot
+    # of the prefix before any such entry could not say who votes, so none is made.
+    cluster = Cluster(("a", "b", "c"))
+    cluster.add("d", frozenset())
+    cluster.nodes["a"].set_learners({"d"})
+    cluster.elect("a")
+    cluster.propose("a", b"x")
+    joiner = cluster.nodes["d"]
+    assert cluster.data_applied("d") == [b"x"]
+    with pytest.raises(ValueError, match="voters at 2 are not known"):
+        joiner.compact(joiner.applied, b"")
+    assert joiner.snapshot.index == 0
+    assert cluster.nodes["a"].compact(2, b"s").voters == frozenset("abc")
+
+
 def test_snapshot_of_entries_already_held_only_advances_commit() -> None:
     follower = RaftNode.restore(
         config("b"),
@@ -1079,7 +1095,9 @@ def test_a_learner_gets_every_entry_but_neither_votes_nor_counts() -> None:
     assert leader.commit < index
     assert cluster.nodes["d"].last_index == index  # it has the entry all the same
     cluster.isolated = set()
-    cluster.tick("a")
+    cluster.tick("a")  # b and c were sent the entry since the last tick: no heartbeat yet
+    assert leader.commit < index
+    cluster.tick("a")  # the heartbeats' answers show them behind; the entry goes again
     assert leader.commit == index
     # A learner never campaigns, whatever its timer says, and cannot be handed leadership.
     cluster.isolated = {"a"}

@@ -80,6 +80,11 @@ found), REPLICATE (optimistic pipelining, at most ``max_inflight`` unacknowledge
 most ``max_append_entries`` / ``max_append_bytes``) and SNAPSHOT (waiting for an InstallSnapshot to
 land; retried after ``election_ticks`` without an answer).
 
+Messages are kept few, since every one is encoded, framed, sent and parsed: a commit that
+advances tells each follower once per Ready (an empty AppendEntries only to a follower that no
+AppendEntries of that Ready already told), and a heartbeat goes only to a follower that was sent
+nothing since the previous heartbeat tick (a busy group's appends are its heartbeats).
+
 Bounds: ``max_uncommitted_entries`` proposals may be in flight, ``max_entry_bytes`` each
 (beyond either, and during a leadership transfer, :class:`ProposalDroppedError`); ``committed``
 in one Ready holds at most ``max_apply_entries``. Errors say whose fault they are:
@@ -369,6 +374,8 @@ class _Follower:
         "pending_snapshot",
         "probe_sent",
         "recent_active",
+        "sent_commit",
+        "sent_since_heartbeat",
         "snapshot_ticks",
         "state",
     )
@@ -382,6 +389,8 @@ class _Follower:
         self.recent_active = False
         self.pending_snapshot = 0
         self.snapshot_ticks = 0
+        self.sent_commit = 0  # the commit index last sent to it
+        self.sent_since_heartbeat = False  # an AppendEntries went to it since the last tick
 
     def become_probe(self) -> None:
         self.state = _Progress.PROBE
@@ -451,6 +460,7 @@ class RaftNode:
         self._transferee: str | None = None
         self._transfer_elapsed = 0
         self._msgs: list[Message] = []
+        self._commit_notice = False  # the leader's commit advanced: tell followers at ready()
         self._persist_from = self.last_index + 1  # first entry not yet handed to a Ready
         self._pending_truncate: int | None = None
         self._pending_snapshot: Snapshot | None = None
@@ -620,6 +630,10 @@ class RaftNode:
         for config_index, config_voters in self._config_history:
             if config_index <= index:
                 voters = config_voters
+        if not voters:
+            # A node that started knowing no voters (a joiner) learns them from configuration
+            # entries; a snapshot before the first of those could not say who votes in it.
+            raise ValueError(f"the voters at {index} are not known here yet")
         self._entries = self._entries[index - self._snap.index :]
         self._config_history = [item for item in self._config_history if item[0] > index]
         self._snap = Snapshot(index, term, voters, bytes(data))
@@ -669,6 +683,7 @@ class RaftNode:
     def has_ready(self) -> bool:
         return self._outstanding is None and (
             bool(self._msgs)
+            or self._commit_notice
             or self._pending_truncate is not None
             or self._pending_snapshot is not None
             or self._persist_from <= self.last_index
@@ -683,6 +698,12 @@ class RaftNode:
     def ready(self) -> Ready:
         """Take the accumulated work; the node accepts no input until :meth:`advance`."""
         self._check_accepting()
+        if self._commit_notice:
+            self._commit_notice = False
+            if self.role is Role.LEADER:
+                for peer, follower in self._progress.items():
+                    if follower.sent_commit < self.commit:
+                        self._send_append(peer)
         hard_state = self._hard_state()
         soft_state = self._soft_state()
         committed_stop = min(self.commit, self.applied + self.config.max_apply_entries)
@@ -1004,6 +1025,9 @@ class RaftNode:
         if self._heartbeat_elapsed >= self.config.heartbeat_ticks:
             self._heartbeat_elapsed = 0
             for peer, follower in self._progress.items():
+                if follower.sent_since_heartbeat:
+                    follower.sent_since_heartbeat = False  # its appends were its heartbeats
+                    continue
                 commit = min(follower.match, self.commit)
                 self._send(Heartbeat(self.config.group, self.id, peer, self.term, commit))
 
@@ -1013,7 +1037,8 @@ class RaftNode:
         if kind is EntryKind.CONFIG:
             self._apply_config_to_progress()
         self._broadcast_append(send_if_empty=False)
-        self._maybe_commit()
+        if self._maybe_commit():
+            self._commit_notice = True  # a group of one voter: its learners learn at ready()
         return index
 
     def _propose_config(self, voters: frozenset[str]) -> int:
@@ -1066,6 +1091,8 @@ class RaftNode:
                 group, self.id, peer, self.term, prev_index, prev_term, tuple(batch), self.commit
             )
         )
+        follower.sent_commit = self.commit
+        follower.sent_since_heartbeat = True
         if follower.state is _Progress.PROBE:
             follower.probe_sent = True
         elif batch:
@@ -1126,7 +1153,10 @@ class RaftNode:
         if updated and self._maybe_commit():
             if self.role is not Role.LEADER:
                 return
-            self._broadcast_append(send_if_empty=True)
+            # New entries carry the new commit index; followers that get none this Ready are
+            # told by one empty AppendEntries each when the Ready is taken.
+            self._commit_notice = True
+            self._broadcast_append(send_if_empty=False)
         else:
             while self._send_append(peer, send_if_empty=False):
                 pass

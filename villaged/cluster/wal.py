@@ -441,6 +441,7 @@ class NodeWal:
         self._lock = trio.Lock()
         #: Hard-state records and snapshot files written since open (metrics and tests).
         self.hard_state_writes = 0
+        self.commit_only_deferred = 0  # commit-only hard states left for a later batch
         self.snapshot_files_written = 0
 
     # --- opening ---
@@ -568,7 +569,7 @@ class NodeWal:
                 await trio.to_thread.run_sync(_write_snapshot_files, self._snapshot_root, installs)
                 self.snapshot_files_written += len(installs)
             records: list[Record] = []
-            hard_states = 0
+            commits: list[Record] = []
             for group in sorted(readies):
                 ready = readies[group]
                 if ready.truncate_after is not None:
@@ -578,11 +579,25 @@ class NodeWal:
                 if ready.snapshot is not None:
                     records.append(_marker_record(group, ready.snapshot, replaces=True))
                 records.extend(_entry_record(group, entry) for entry in ready.entries)
-                if ready.hard_state is not None and ready.hard_state != self.hard_state(group):
-                    records.append(_hard_state_record(group, ready.hard_state))
-                    hard_states += 1
-            await self._append(records)
-            self.hard_state_writes += hard_states
+                durable = self.hard_state(group)
+                if ready.hard_state is not None and ready.hard_state != durable:
+                    hard_state = _hard_state_record(group, ready.hard_state)
+                    if (ready.hard_state.term, ready.hard_state.voted_for) == (
+                        durable.term,
+                        durable.voted_for,
+                    ):
+                        commits.append(hard_state)
+                    else:
+                        records.append(hard_state)
+            if records:
+                # Only the commit index moved in ``commits``: Raft keeps it volatile (a restarted
+                # node learns it again from its leader), so it rides along with a batch that is
+                # written anyway and never costs an fdatasync of its own.
+                records.extend(commits)
+                await self._append(records)
+                self.hard_state_writes += sum(r.type == HARD_STATE_RECORD for r in records)
+            else:
+                self.commit_only_deferred += len(commits)
 
     def _check_ready(self, group: str, ready: Ready) -> None:
         """The checks :func:`_apply` makes, done before anything is written."""
