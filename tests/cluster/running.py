@@ -79,7 +79,7 @@ class RunningCluster:
             )
 
     async def wait_ready(self, ids: Sequence[str]) -> None:
-        """Until each node answers /readyz with 200 (serving, every group has a leader)."""
+        """Until each node answers /readyz with 200 (serving: it hears every group's leader)."""
         with trio.fail_after(READY_S):
             for node_id in ids:
                 while not await self.ready(node_id):  # noqa: ASYNC110 - another process
@@ -165,7 +165,11 @@ class RunningCluster:
         client = await RawClient.connect(
             node.c2s + 1, node.directory / "tls/cert.pem", direct_tls=True
         )
-        await client.login(user, f"{user}-password", starttls=False, resource=resource)
+        try:
+            await client.login(user, f"{user}-password", starttls=False, resource=resource)
+        except BaseException:
+            await client.aclose()
+            raise
         return client
 
 

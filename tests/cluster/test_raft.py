@@ -632,6 +632,27 @@ def test_compaction_and_install_snapshot_for_a_lagging_follower() -> None:
     assert ready.messages == (AppendResponse(G, "c", "a", 1, True, 7),)
 
 
+def test_a_node_is_in_touch_while_it_hears_a_leader() -> None:
+    cluster = Cluster(("a", "b", "c"))
+
+    def touch(node_id: str) -> bool:  # (a call: mypy does not narrow it across ticks)
+        return cluster.nodes[node_id].in_touch
+
+    assert not any(node.in_touch for node in cluster.nodes.values())  # no leader yet
+    cluster.elect("a")
+    assert all(node.in_touch for node in cluster.nodes.values())
+    cluster.isolated = {"c"}
+    cluster.tick("a", "b", times=ELECTION - 1)
+    cluster.tick("c", times=ELECTION - 1)
+    assert touch("c")  # not yet an election timeout without a word
+    cluster.tick("c")
+    assert not touch("c")
+    assert touch("b")  # b heard the leader all along
+    cluster.isolated = set()
+    cluster.tick("a", times=2)
+    assert touch("c")
+
+
 def test_a_node_that_knows_no_voters_yet_does_not_compact() -> None:
     # A joiner starts knowing no voters and learns them from configuration entries; a snapshot
     # of the prefix before any such entry could not say who votes, so none is made.

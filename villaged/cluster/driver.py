@@ -550,6 +550,10 @@ class NodeDriver:
     def leader(self, group_name: str) -> str | None:
         return self._groups[group_name].node.leader
 
+    def in_touch(self, group_name: str) -> bool:
+        """Whether this node hears the group's leader (RaftNode.in_touch)."""
+        return self._groups[group_name].node.in_touch
+
     def leader_node(self, group_name: str) -> str | None:
         """The node (not the Raft member id with its incarnation) believed to lead."""
         leader = self._groups[group_name].node.leader

@@ -434,8 +434,9 @@ class ClusterNode:
     # --- what operators see ---
 
     def has_quorum(self) -> bool:
-        """Whether every group this node replicates has a leader it knows of."""
-        return all(s.leader is not None for s in self.driver.status().values())
+        """Whether this node hears the leader of every group it replicates (RaftNode.in_touch):
+        it can serve logins and reads for every user."""
+        return all(self.driver.in_touch(group) for group in self.driver.status())
 
     def status_document(self) -> dict[str, Any]:
         cluster = self.config.cluster

@@ -549,6 +549,15 @@ class RaftNode:
 
     # --- inputs ---
 
+    @property
+    def in_touch(self) -> bool:
+        """Whether a leader is known and was heard from within ``election_ticks`` (on the
+        leader: until check-quorum deposes it), so what this node applied lags the group by
+        about that much at most. A node cut off from the group's majority stops being in touch."""
+        if self.role is Role.LEADER:
+            return True
+        return self.leader is not None and self._election_elapsed < self.config.election_ticks
+
     def tick(self) -> None:
         self._check_accepting()
         if self.role is Role.LEADER:

@@ -669,6 +669,11 @@ class Replicator:
             raise CommitFailedError(f"the data key of {user} was not installed")
         return key
 
+    def in_touch(self, key: str) -> bool:
+        """Whether this node hears the leader of ``key``'s shard: its copy of the shard is
+        current within an election timeout (see RaftNode.in_touch)."""
+        return self.driver.in_touch(group_name(shard_of(key, self.shards)))
+
     async def catch_up(self, keys: Iterable[str]) -> None:
         """Wait until this node has applied everything its shards of ``keys`` (bare JIDs or
         domains) had committed when this was called: a read barrier (Raft's ReadIndex, minus

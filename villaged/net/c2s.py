@@ -39,6 +39,7 @@ from villaged.ops import monitor
 from villaged.storage.errors import StorageError
 from villaged.xmpp import c2s as core
 from villaged.xmpp.jid import JID
+from villaged.xmpp.sasl import SaslError
 from villaged.xmpp.stanza import error_reply
 from villaged.xmpp.xml import XmlLimits
 
@@ -330,6 +331,16 @@ class C2SConnection:
                 extra={"event": "c2s.auth_disabled", "user": jid, "security": True},
             )
             return None  # refused exactly like a wrong password
+        if not self.ctx.store.in_touch(jid):
+            # A cluster node cut off from the account's shard may hold an old password or a
+            # deleted account: no login here until it hears the shard's leader again.
+            log.warning(
+                "login refused: this node does not hear the account's shard",
+                extra={"event": "c2s.auth_shard_unreachable", "user": jid},
+            )
+            raise SaslError(
+                "temporary-auth-failure", "this server cannot reach the account's data now"
+            )
         return self.ctx.store.credentials(jid)
 
     # ----- lifecycle ---------------------------------------------------------------------

@@ -271,6 +271,11 @@ class Store:
         self._unapplied[appended.index] = record
         return PendingCommit(self, appended, record)
 
+    def in_touch(self, user: str) -> bool:
+        """On a cluster node: whether this node hears the leader of ``user``'s shard (its copy
+        of the account is current). Single node: always."""
+        return self.replicator is None or self.replicator.in_touch(user)
+
     async def catch_up(self, *users: str) -> None:
         """On a cluster node: wait until this node has applied whatever the users' shards had
         committed (a write made on another node is visible here after this). Single node:
