@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from tests.cluster.harness import wait_until, write_cluster
+from tests.e2e.test_durability import archived_bodies
 from tests.net.rawclient import RawClient
 from villaged.app import run_node
 from villaged.cluster.sessions import RemoteSession, SessionMirror
@@ -188,3 +189,38 @@ async def test_sessions_on_other_nodes_get_messages_and_presence(tmp_path: Path)
                     break
         await alice.aclose()
         await bob.aclose()
+
+
+def files_holding(root: Path, blob: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and blob in p.read_bytes()]
+
+
+async def test_a_deleted_account_s_data_key_leaves_every_node_s_disk(tmp_path: Path) -> None:
+    async with cluster_of_three(tmp_path, ("alice", "bob", "carol")) as nodes:
+        alice = await login(nodes[1], "alice")
+        for n in range(5):
+            await alice.send(message("bob@localhost", f"m{n}"))
+        await synced(alice)
+        cluster = nodes[0].cluster
+        assert cluster is not None
+        wrapped = cluster.shared.vault.export("bob@localhost")
+        assert wrapped
+        blobs = list(wrapped.values())
+        for node in nodes:  # the key travelled through bob's shard: it is in every node's log
+            assert any(files_holding(node.config.storage.dir, b) for b in blobs)
+
+        await nodes[2].store.delete_user("bob@localhost")
+        await wait_until(
+            lambda: all(n.cluster is not None and n.cluster.shredded == 1 for n in nodes),
+            30,
+            "every node shredded bob's key",
+        )
+        for node in nodes:
+            for blob in blobs:
+                assert files_holding(node.config.storage.dir, blob) == []
+        # The cluster goes on: alice's messages still commit and her archive (all of it:
+        # every group was compacted meanwhile) is readable.
+        await alice.send(message("carol@localhost", "after"))
+        await synced(alice)
+        assert await archived_bodies(alice) == ["m0", "m1", "m2", "m3", "m4", "after"]
+        await alice.aclose()

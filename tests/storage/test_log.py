@@ -502,6 +502,21 @@ async def test_roll_over_across_many_small_segments(tmp_path: Path) -> None:
         log.close()
 
 
+async def test_a_segment_sealed_on_request_goes_with_the_next_compaction(tmp_path: Path) -> None:
+    async with open_segment_log(tmp_path) as log:
+        log.roll_at_next_append()  # an empty active segment: nothing to seal
+        await append_each(log, [entry(n) for n in range(3)])
+        assert log.oldest_on_disk == 1
+        log.roll_at_next_append()
+        await log.append_many([entry(3), entry(4)])
+        assert [int(path.stem) for path in segment_files(tmp_path)] == [1, 4]
+        # A snapshot through 3 deletes the sealed segment; records 4 and 5 stay.
+        await log.save_snapshot(3, 0, b"state")
+        assert log.oldest_on_disk == 4
+        assert [int(path.stem) for path in segment_files(tmp_path)] == [4]
+        assert [r.index for r in log.scan(4)] == [4, 5]
+
+
 async def test_append_many_rolls_before_its_batch_never_inside_it(tmp_path: Path) -> None:
     ops = ScriptedOps()
     frame = log_frame_size(entry(0), 1)

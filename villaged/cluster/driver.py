@@ -454,15 +454,47 @@ class NodeDriver:
                     )
 
     def _compact_now(self, group: _Group) -> int:
-        node = group.node
-        if node.applied <= node.snapshot.index:
-            return node.snapshot.index
-        snapshot = node.compact(node.applied, group.application.snapshot())
+        snapshot = _snapshot_of(group, group.node)
+        if snapshot is None:
+            return group.node.snapshot.index
         # The core has dropped the entries; the disk follows in the background (the WAL
         # ignores a snapshot that a later install has overtaken).
         assert self._nursery is not None
         self._nursery.start_soon(self._save_snapshot, group, snapshot)
         return snapshot.index
+
+    async def shred(self, *, rounds: int = 5, pause: float = 1.0) -> bool:
+        """Drop from this node's disk and memory every log entry and snapshot older than what
+        it has applied: the last step of crypto-shredding on a cluster, where a deleted user's
+        data key was also in their shard's log (a ``vault.key`` entry). Each round snapshots
+        every group at its applied index, seals the WAL's active segment and compacts the
+        WAL; rounds repeat (``pause`` apart, ``rounds`` at most) until no segment on disk
+        holds a record the WAL had when this was called. True when that was reached."""
+        wal = self._wal
+        if wal is None or self._state is not _State.RUNNING:
+            return False
+        target = wal.log.last_index
+        for round_ in range(rounds):
+            if round_:
+                await trio.sleep(pause)
+            for name, group in sorted(self._groups.items()):
+                try:
+                    snapshot = await self._call(name, partial(_snapshot_of, group))
+                except ValueError as exc:  # over max_snapshot_bytes, or voters not known yet
+                    logger.warning(
+                        "cannot compact group %s to shred: %s",
+                        name,
+                        exc,
+                        extra={"event": "cluster.compaction_failed", "group": name},
+                    )
+                    continue
+                if snapshot is not None:
+                    await group.storage.save_snapshot(snapshot)
+            await wal.seal()
+            await wal.compact()
+            if wal.log.oldest_on_disk > target:
+                return True
+        return False
 
     async def _save_snapshot(self, group: _Group, snapshot: Snapshot) -> None:
         try:
@@ -631,3 +663,10 @@ class NodeDriver:
             action = group.actions.popleft()
             action.error = error
             action.done.set()
+
+
+def _snapshot_of(group: _Group, node: RaftNode) -> Snapshot | None:
+    """Compact ``group`` at its applied index (in the cycle loop); None if nothing is new."""
+    if node.applied <= node.snapshot.index:
+        return None
+    return node.compact(node.applied, group.application.snapshot())

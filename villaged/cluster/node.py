@@ -68,6 +68,10 @@ REPLACE_CHECK_SECONDS: Final = 1.0
 #: How often the links' drop counters are checked (a dropped frame may have been soft state
 #: that must be announced again).
 RESYNC_CHECK_SECONDS: Final = 5.0
+#: After an account deletion, how long to wait for more before shredding them all at once
+#: (every group is snapshotted then: not at each of a burst of deletions).
+SHRED_DELAY_SECONDS: Final = 2.0
+SHRED_RETRY_SECONDS: Final = 60.0
 
 
 class ClusterStartupError(Exception):
@@ -99,6 +103,10 @@ class ClusterNode:
     #: What each peer said in its latest hello: (incarnation, boot membership or None).
     hellos: dict[str, tuple[str, Mapping[str, str] | None]] = field(default_factory=dict)
     _hello_changed: trio.Event = field(default_factory=trio.Event)
+    #: Accounts deleted (applied here) whose data keys may still be in this node's log.
+    _unshredded: set[str] = field(default_factory=set)
+    _shred_wanted: trio.Event = field(default_factory=trio.Event)
+    shredded: int = 0  # accounts whose keys are gone from this node's log and snapshots
 
     @property
     def directory(self) -> Path:
@@ -174,6 +182,7 @@ class ClusterNode:
         node.placement = placement
         node.identity = identity
         node.routes.append(FrameRoute("fwd.", replicator.receive))
+        shared.on_delete.append(node._deleted)
         return node
 
     # --- running ---
@@ -202,6 +211,7 @@ class ClusterNode:
             nursery.start_soon(self._keep_membership)
             nursery.start_soon(self._replace_lost_incarnations)
             nursery.start_soon(self._resync_after_drops)
+            nursery.start_soon(self._shred_deleted)
             await self._catch_up()
             task_status.started()
 
@@ -357,6 +367,36 @@ class ClusterNode:
         for peer_id in self.links.peers():
             for hook in self.on_peer_lost:
                 hook(peer_id)
+
+    # --- crypto-shredding ---
+
+    def _deleted(self, user: str) -> None:
+        """``account.delete`` applied here: the vault's key is gone; the copy in the shard's
+        log (its ``vault.key`` entry) goes at the next shred."""
+        self._unshredded.add(user)
+        self._shred_wanted.set()
+
+    async def _shred_deleted(self) -> None:
+        while True:
+            await self._shred_wanted.wait()
+            await trio.sleep(SHRED_DELAY_SECONDS)
+            self._shred_wanted = trio.Event()
+            users, self._unshredded = sorted(self._unshredded), set()
+            if await self.driver.shred():
+                self.shredded += len(users)
+                log.info(
+                    "deleted accounts' data keys are gone from this node's log",
+                    extra={"event": "cluster.shredded", "accounts": len(users)},
+                )
+                continue
+            self._unshredded.update(users)
+            log.warning(
+                "deleted accounts' data keys are still in this node's log (a group could not"
+                " be compacted); trying again in a minute",
+                extra={"event": "cluster.shred_incomplete", "accounts": len(users)},
+            )
+            await trio.sleep(SHRED_RETRY_SECONDS)
+            self._shred_wanted.set()
 
     async def _resync_after_drops(self) -> None:
         seen = dict.fromkeys(self.links.peers(), 0)

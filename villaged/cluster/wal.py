@@ -678,6 +678,16 @@ class NodeWal:
                 )
             await self._append([_marker_record(group, snapshot, replaces=False)])
 
+    async def seal(self) -> None:
+        """Seal the active segment: one record (a group's hard state again, which changes
+        nothing) goes into a new segment, so that a compaction can delete every earlier one."""
+        async with self._lock:
+            group = next((g for g in sorted(self._groups) if self._groups[g].hard_state.term), None)
+            if group is None:
+                return  # nothing was ever voted or written
+            self.log.roll_at_next_append()
+            await self._append([_hard_state_record(group, self._groups[group].hard_state)])
+
     async def compact(self, *, min_positions: int = 1) -> CompactResult:
         """Checkpoint the WAL so that it can drop every segment no group still needs.
 

@@ -543,6 +543,19 @@ class SegmentLog:
         self._next_index = index + 1
         return Appended(index, batch)
 
+    @property
+    def oldest_on_disk(self) -> int:
+        """The first index the oldest segment file holds (records before it are gone from
+        the disk; after a compaction, records from here to ``first_index - 1`` may remain in
+        a segment that also holds live ones)."""
+        return self._segments[0].base
+
+    def roll_at_next_append(self) -> None:
+        """Start a new segment with the next append, sealing the active one (if it holds
+        anything): a later compaction that covers it can then delete it whole."""
+        if self._planned_bytes > 0:
+            self._planned_bytes = max(self._planned_bytes, self._segment_bytes)
+
     async def append_many(self, records: Sequence[Record]) -> list[int]:
         """Append ``records`` at consecutive indexes, all in one batch (one ``fdatasync``).
 
