@@ -14,7 +14,10 @@ wsproto, and the result says ``"transport": "websocket"``.
 The last line on stdout is one JSON object::
 
     {"pairs": 50, "messages": ..., "delivered_per_s": ..., "p50_ms": ..., "p99_ms": ...,
-     "lost": 0, "rss_per_idle_connection_kib": ...}
+     "lost": 0, "cpu_percent": {"server": ..., "bench": ...}, "rss_per_idle_connection_kib": ...}
+
+``cpu_percent`` is the CPU time the server process and this client process used over the
+exchange (100 = one core): a single villaged process runs on one core.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from villaged.storage.store import StoreOptions, open_store
 from villaged.xmpp import xml
 
 ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 FRAMED_OPEN = b"<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>"
 PORT_BASE = 25222  # below the ephemeral port range, so client sockets never hold it
@@ -222,6 +226,15 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def percentile(values: list[float], fraction: float) -> float:
     if not values:
         return 0.0
@@ -266,7 +279,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             async with trio.open_nursery() as nursery:
                 for user in users[: 2 * args.pairs]:
                     nursery.start_soon(login, user)
+        cpu_before = process_cpu_seconds(proc.pid), process_cpu_seconds(os.getpid())
+        began = trio.current_time()
         figures = await exchange(args, clients, users[: 2 * args.pairs])
+        elapsed = trio.current_time() - began
+        cpu_after = process_cpu_seconds(proc.pid), process_cpu_seconds(os.getpid())
+        figures["cpu_percent"] = {
+            name: round(100 * (after - before) / elapsed, 1)
+            for name, before, after in zip(("server", "bench"), cpu_before, cpu_after, strict=True)
+        }
         if args.ws:
             figures["transport"] = "websocket"
         if args.idle:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import IO, Final
 
 import trio
-from c2s_throughput import Client, percentile, wait_ready
+from c2s_throughput import Client, percentile, process_cpu_seconds, wait_ready
 
 from villaged.config import load_config
 from villaged.ops.control import call_control, control_socket_path
@@ -58,7 +58,6 @@ ZONES: Final = ("a", "b", "c")
 PORT_BASE: Final = 28222  # below the ephemeral port range, like the other benchmarks
 NS_SM: Final = "urn:xmpp:sm:3"
 STOP_TIMEOUT_S: Final = 15.0
-CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
 
 def say(text: str) -> None:
@@ -99,14 +98,6 @@ class Node:
 
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.process.pid) if self.process else 0.0
-
-
-def process_cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
 def write_cluster(directory: Path, port_base: int) -> list[Node]:
