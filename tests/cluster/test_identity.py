@@ -67,7 +67,15 @@ def test_a_peer_that_started_with_us_is_followed() -> None:
 def test_a_peer_that_knows_another_incarnation_of_us_makes_us_a_joiner() -> None:
     me = Identity("ffff")
     boot = {"n1": "aaaa", "n2": "bbbb", "n3": "cccc"}
-    assert decide("n1", me, {"n3": ("cccc", boot)}, PEERS) == (None, True)
+    # It joins with the membership the cluster started with: its groups then know their
+    # first voters (the logs it is sent from index 1 assume them; a snapshot it makes of that
+    # prefix names them), and it still votes nowhere (its incarnation is not among them).
+    assert decide("n1", me, {"n3": ("cccc", boot)}, PEERS) == (boot, True)
+    other = {"n1": "eeee", "n2": "bbbb", "n3": "cccc"}
+    assert decide("n1", me, {"n2": ("bbbb", boot), "n3": ("cccc", other)}, PEERS) == (None, True)
+    joined = Identity("ffff", boot, joiner=True)
+    assert joined.decided
+    assert joined.advertised_boot == {}  # a joiner says so (it did not start the cluster)
 
 
 def test_a_lost_incarnation_is_removed_then_the_new_one_added() -> None:

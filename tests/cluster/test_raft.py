@@ -652,6 +652,22 @@ def test_a_node_is_in_touch_while_it_hears_a_leader() -> None:
     cluster.tick("a", times=2)
     assert touch("c")
 
+    # Muted: c hears the leader, the leader never hears c. Heartbeats still come, entries
+    # no longer (c is not acknowledged): once c lacks what the leader had committed an
+    # election timeout ago, it is not in touch, however recently it heard the leader.
+    cluster.drop = lambda message: message.sender == "c"
+    for n in range(3 * ELECTION):  # (c takes max_inflight appends unanswered, then none)
+        cluster.propose("a", b"w%d" % n)
+        cluster.tick()
+    assert cluster.nodes["c"].leader == "a"
+    assert cluster.nodes["c"].applied < cluster.nodes["a"].commit
+    assert not touch("c")
+    assert touch("b")
+    cluster.drop = None
+    cluster.tick(times=3)
+    assert cluster.nodes["c"].applied == cluster.nodes["a"].commit
+    assert touch("c")
+
 
 def test_a_node_that_knows_no_voters_yet_does_not_compact() -> None:
     # A joiner starts knowing no voters and learns them from configuration entries; a snapshot
@@ -969,6 +985,8 @@ def test_config_is_validated() -> None:
         RaftConfig(node_id="a,b", group=G)
     with pytest.raises(ValueError, match="heartbeat"):
         RaftConfig(node_id="a", group=G, election_ticks=2, heartbeat_ticks=2)
+    with pytest.raises(ValueError, match="heartbeat"):  # a skipped heartbeat: 6 ticks' silence
+        RaftConfig(node_id="a", group=G, election_ticks=6, heartbeat_ticks=3)
     with pytest.raises(ValueError, match="limit"):
         RaftConfig(node_id="a", group=G, max_inflight=0)
     node = Cluster(("a",), max_snapshot_bytes=4).elect("a")

@@ -560,6 +560,30 @@ def test_restoring_a_group_keeps_the_other_groups(
     assert replica.applied(G2) == 3
 
 
+def test_a_snapshot_from_after_a_deletion_shreds_the_user_here_too(
+    tmp_path: Path, keyset: crypto.Keyset
+) -> None:
+    ahead = make_replica(tmp_path / "ahead", keyset)
+    proposer = Proposer(ahead)
+    proposer.make_user(ALICE)
+    before = ahead.snapshot_group(G1)
+    proposer.apply(G1, Record(ACCOUNT_DELETE, {"u": ALICE}))
+    after = ahead.snapshot_group(G1)
+
+    behind = make_replica(tmp_path / "behind", keyset)
+    behind.restore_group(G1, before)
+    behind.finish_loading()
+    assert behind.vault.export(ALICE) is not None
+    deleted: list[str] = []
+    behind.on_delete.append(deleted.append)
+    # It missed the delete (down, or cut off) and catches up by snapshot: the key goes, and
+    # the node is told, so that it removes the key from its log as well.
+    behind.restore_group(G1, after)
+    assert behind.vault.export(ALICE) is None
+    assert deleted == [ALICE]
+    assert not has_account(behind, ALICE)
+
+
 def test_the_dedupe_table_survives_a_snapshot(tmp_path: Path, keyset: crypto.Keyset) -> None:
     replica = make_replica(tmp_path / "source", keyset)
     proposer = Proposer(replica)

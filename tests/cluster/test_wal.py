@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -206,21 +206,66 @@ async def test_a_commit_that_moved_alone_costs_no_sync_and_rides_with_the_next_b
         assert (ops.fdatasyncs, wal.log.batches_written) == (syncs, batches)
         assert wal.hard_state("a") == HardState(1, "n1", 2)
         assert wal.commit_only_deferred == 1
-        # A new term (or vote) is written at once, commit included.
+        # A new term (or vote) is written at once, commit included; and the core, which
+        # counts a Ready's hard state as persisted, never hands "a"'s again: the pending one
+        # rides along with this batch.
         await wal.persist("b", ready(hard_state=HardState(3, None, 0)))
         assert wal.log.batches_written == batches + 1
-        # The next batch that writes anything carries the pending commit of "a" along.
-        await wal.persist_many(
-            {
-                "a": ready(hard_state=HardState(1, "n1", 5)),
-                "b": ready(entries=data_entries(1, 1, 3)),
-            }
-        )
+        assert wal.hard_state("a") == HardState(1, "n1", 4)
+        # A later commit replaces the pending one; a batch of another group carries it.
+        await wal.persist("a", ready(hard_state=HardState(1, "n1", 5)))
+        await wal.persist("b", ready(entries=data_entries(1, 1, 3)))
         assert wal.log.batches_written == batches + 2
     async with opened(tmp_path) as wal:
         states = await load_all(wal)
     assert states["a"].hard_state == HardState(1, "n1", 5)
     assert states["b"].hard_state == HardState(3, None, 0)
+
+
+async def test_with_real_readies_the_durable_commit_keeps_up_with_the_entries(
+    tmp_path: Path,
+) -> None:
+    # Three voters, one proposal at a time: the leader's and the followers' commits move in
+    # Readies of their own (the commit notices), which are not written alone; each durable
+    # commit is at most one step behind, carried by the next entry's batch.
+    ids = ("n1", "n2", "n3")
+    nodes = {
+        i: RaftNode(RaftConfig(i, "a"), random.Random(k), voters=set(ids))
+        for k, i in enumerate(ids)
+    }
+    network: list[Message] = []
+    async with AsyncExitStack() as stack:
+        wals = {i: await stack.enter_async_context(opened(tmp_path / i)) for i in ids}
+
+        async def settle() -> None:
+            for _ in range(100):
+                for i, node in nodes.items():
+                    while node.has_ready():
+                        rd = node.ready()
+                        await wals[i].persist("a", rd)
+                        network.extend(rd.messages)
+                        node.advance(rd)
+                if not network:
+                    return
+                batch, network[:] = list(network), []
+                for message in batch:
+                    nodes[message.to].step(message)
+
+        for _ in range(40):
+            for node in nodes.values():
+                node.tick()
+            await settle()
+            leader = next((n for n in nodes.values() if n.role is Role.LEADER), None)
+            if leader is not None:
+                leader.propose(b"x")
+                await settle()
+        assert all(node.commit > 10 for node in nodes.values())
+        assert sum(wal.commit_only_deferred for wal in wals.values()) > 10
+        for i, node in nodes.items():
+            assert node.commit - wals[i].hard_state("a").commit <= 1
+    for i, node in nodes.items():
+        async with opened(tmp_path / i) as wal:
+            assert node.commit - (await load_all(wal))["a"].hard_state.commit <= 1
 
 
 # --- truncation, snapshots, mismatches ---------------------------------------------------------

@@ -35,10 +35,11 @@ from villaged.xmpp.c2s import (
     StreamSettings,
 )
 from villaged.xmpp.jid import JID
+from villaged.xmpp.sasl import SaslError
 from villaged.xmpp.scram import ScramCredential, derive_credential
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 DOMAIN = "example.org"
 PASSWORD = "correct horse"
@@ -62,11 +63,16 @@ def lookup(username: str) -> Mapping[str, ScramCredential] | None:
 class Client:
     """Feeds the server bytes and parses everything it answers, restarting like a client."""
 
-    def __init__(self, *, direct_tls: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        direct_tls: bool = False,
+        credentials: Callable[[str], Mapping[str, ScramCredential] | None] = lookup,
+    ) -> None:
         counter = itertools.count()
         self.server = C2SStream(
             StreamSettings(domain=DOMAIN),
-            lookup=lookup,
+            lookup=credentials,
             entropy=lambda n: bytes([next(counter) % 256]) * n,
             unknown_user_secret=b"s" * 32,
             direct_tls=direct_tls,
@@ -243,6 +249,24 @@ def test_wrong_password_then_too_many_attempts() -> None:
         b"attempts</text></stream:error></stream:stream>"
     )
     assert client.server.phase is Phase.CLOSED
+
+
+def test_a_login_the_server_cannot_check_now_is_not_a_failed_attempt() -> None:
+    # (A cluster node cut off from the account's shard: villaged.net.c2s raises this.)
+    def unreachable(username: str) -> Mapping[str, ScramCredential] | None:
+        raise SaslError("temporary-auth-failure", "cannot reach the account's data")
+
+    client = Client(credentials=unreachable)
+    client.starttls()
+    client.send(HEADER)
+    client.take()
+    first = base64.b64encode(ScramClient("SCRAM-SHA-256", "alice", PASSWORD).client_first())
+    for _ in range(MAX_AUTH_ATTEMPTS + 2):
+        auth = f"<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256'>{first.decode()}</auth>"
+        events = client.send(auth.encode())
+        assert events == [AuthFailed("alice", "SCRAM-SHA-256", "temporary-auth-failure")]
+        assert client.take()[-1].find(f"{{{SASL}}}temporary-auth-failure") is not None
+    assert client.server.phase is not Phase.CLOSED  # no policy-violation: not guesses
 
 
 def test_bad_base64_is_incorrect_encoding() -> None:

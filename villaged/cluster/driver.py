@@ -75,7 +75,7 @@ from villaged.cluster.raft import (
     Snapshot,
 )
 from villaged.cluster.wal import NodeWal, WalGroupStorage
-from villaged.storage.errors import LogWriteError
+from villaged.storage.errors import LogWriteError, StorageError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -469,7 +469,24 @@ class NodeDriver:
         data key was also in their shard's log (a ``vault.key`` entry). Each round snapshots
         every group at its applied index, seals the WAL's active segment and compacts the
         WAL; rounds repeat (``pause`` apart, ``rounds`` at most) until no segment on disk
-        holds a record the WAL had when this was called. True when that was reached."""
+        holds a record the WAL had when this was called and no group keeps a snapshot file
+        older than its current one. True when that was reached."""
+        try:
+            return await self._shred(rounds, pause)
+        except LogWriteError:
+            if trio.current_effective_deadline() != -math.inf:
+                raise  # fail-stop, as for any write of the WAL
+            return False  # stopping: the WAL's writer stopped with the driver
+        except (RaftError, RuntimeError, StorageError, OSError) as exc:
+            # Stopped meanwhile (RuntimeError, ProposalLostError), or the disk refused.
+            logger.warning(
+                "shredding stopped: %s",
+                exc,
+                extra={"event": "cluster.shred_failed", "error": str(exc)},
+            )
+            return False
+
+    async def _shred(self, rounds: int, pause: float) -> bool:
         wal = self._wal
         if wal is None or self._state is not _State.RUNNING:
             return False
@@ -492,7 +509,8 @@ class NodeDriver:
                     await group.storage.save_snapshot(snapshot)
             await wal.seal()
             await wal.compact()
-            if wal.log.oldest_on_disk > target:
+            stale = await wal.remove_superseded_snapshots()
+            if wal.log.oldest_on_disk > target and not stale:
                 return True
         return False
 

@@ -65,7 +65,9 @@ class Identity:
     incarnation: str
     #: The incarnation of every node when the cluster started (None: not decided yet).
     boot: Mapping[str, str] | None = None
-    #: This incarnation joined a running cluster (its groups started without voters).
+    #: This incarnation joined a running cluster. Its ``boot`` is the membership the cluster
+    #: started with, as its peers said (so its groups know their first voters, as the entries
+    #: from index 1 assume), or None if no peer said one (its groups start without voters).
     joiner: bool = False
 
     @property
@@ -76,9 +78,9 @@ class Identity:
     def advertised_boot(self) -> dict[str, str] | None:
         """What the hello says: the boot membership, ``{}`` for a joiner (the cluster runs,
         this node did not start it), None while undecided."""
-        if self.boot is not None:
-            return dict(self.boot)
-        return {} if self.joiner else None
+        if self.joiner:
+            return {}
+        return None if self.boot is None else dict(self.boot)
 
     @classmethod
     def load_or_create(cls, directory: Path) -> Identity:
@@ -172,6 +174,10 @@ def decide(
             return None  # conflicting memberships: wait (the operator is told)
         return mine[0], False
     if started:
+        # Join. The peers that started the cluster say how it started: a joiner's groups
+        # start from that membership, like theirs (their logs from index 1 assume it).
+        if boots and all(b == boots[0] for b in boots):
+            return boots[0], True
         return None, True
     if peers <= set(hellos):
         everyone = {peer: hellos[peer][0] for peer in peers}

@@ -292,7 +292,8 @@ class AppendResponse(Message):
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
-    commit: int
+    commit: int  # what the follower may commit: min(its match, the leader's commit)
+    leader_commit: int = 0  # the leader's own commit index (how far behind the follower is)
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,8 +341,9 @@ class RaftConfig:
     def __post_init__(self) -> None:
         if not self.node_id or _VOTER_SEPARATOR in self.node_id:
             raise ValueError(f"node id {self.node_id!r} must be non-empty without commas")
-        if not 0 < self.heartbeat_ticks < self.election_ticks:
-            raise ValueError("need 0 < heartbeat_ticks < election_ticks")
+        if not 0 < 2 * self.heartbeat_ticks < self.election_ticks:
+            # A follower sent appends gets no heartbeat at the next tick: it may wait two.
+            raise ValueError("need 0 < 2 * heartbeat_ticks < election_ticks")
         limits = (
             self.max_append_entries,
             self.max_append_bytes,
@@ -461,6 +463,9 @@ class RaftNode:
         self._transfer_elapsed = 0
         self._msgs: list[Message] = []
         self._commit_notice = False  # the leader's commit advanced: tell followers at ready()
+        #: A follower's samples, one per tick, of the highest commit index its leader told it
+        #: (the oldest first; see in_touch).
+        self._told_commits: deque[int] = deque()
         self._persist_from = self.last_index + 1  # first entry not yet handed to a Ready
         self._pending_truncate: int | None = None
         self._pending_snapshot: Snapshot | None = None
@@ -552,11 +557,22 @@ class RaftNode:
     @property
     def in_touch(self) -> bool:
         """Whether a leader is known and was heard from within ``election_ticks`` (on the
-        leader: until check-quorum deposes it), so what this node applied lags the group by
-        about that much at most. A node cut off from the group's majority stops being in touch."""
+        leader: until check-quorum deposes it) and this node has applied an entry of the
+        current term (so everything committed before the term began, restored from disk or
+        not, is applied here): what it applied lags the group by about an election timeout at
+        most. A node cut off from the group's majority stops being in touch."""
+        if self.term_at(self.applied) != self.term:
+            return False
         if self.role is Role.LEADER:
             return True
-        return self.leader is not None and self._election_elapsed < self.config.election_ticks
+        # A follower whose answers are lost is still sent heartbeats, but no entries: it is in
+        # touch only while it has applied what the leader had committed an election ago.
+        told_then = self._told_commits[0] if self._told_commits else 0
+        return (
+            self.leader is not None
+            and self._election_elapsed < self.config.election_ticks
+            and self.applied >= told_then
+        )
 
     def tick(self) -> None:
         self._check_accepting()
@@ -564,6 +580,10 @@ class RaftNode:
             self._tick_leader()
         else:
             self._election_elapsed += 1
+            told = self._told_commits
+            told.append(told[-1] if told else 0)  # one sample per tick, election_ticks kept
+            if len(told) > self.config.election_ticks:
+                told.popleft()
             if self._promotable() and self._election_elapsed >= self._timeout:
                 self._campaign(pre_vote=True)
 
@@ -827,6 +847,8 @@ class RaftNode:
         if term != self.term:
             self.term = term
             self.voted_for = None
+        if leader is None or leader != self.leader:
+            self._told_commits.clear()
         self.role = Role.FOLLOWER
         self.leader = leader
         self._reset_timers()
@@ -932,6 +954,13 @@ class RaftNode:
         if isinstance(message, AppendEntries | Heartbeat | InstallSnapshot):
             self._election_elapsed = 0
             self.leader = message.sender
+            told = message.commit if isinstance(message, AppendEntries) else 0
+            if isinstance(message, Heartbeat):
+                told = message.leader_commit
+            if self._told_commits:
+                self._told_commits[-1] = max(self._told_commits[-1], told)
+            else:
+                self._told_commits.append(told)
             if isinstance(message, AppendEntries):
                 self._handle_append(message)
             elif isinstance(message, Heartbeat):
@@ -1038,7 +1067,9 @@ class RaftNode:
                     follower.sent_since_heartbeat = False  # its appends were its heartbeats
                     continue
                 commit = min(follower.match, self.commit)
-                self._send(Heartbeat(self.config.group, self.id, peer, self.term, commit))
+                self._send(
+                    Heartbeat(self.config.group, self.id, peer, self.term, commit, self.commit)
+                )
 
     def _leader_append(self, kind: EntryKind, data: bytes) -> int:
         index = self.last_index + 1
@@ -1169,6 +1200,8 @@ class RaftNode:
         else:
             while self._send_append(peer, send_if_empty=False):
                 pass
+            if follower.sent_commit < self.commit:
+                self._commit_notice = True  # it was paused when the commit moved: tell it now
         if peer == self._transferee and follower.match == self.last_index:
             self._send(TimeoutNow(self.config.group, self.id, peer, self.term))
 

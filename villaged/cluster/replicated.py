@@ -411,7 +411,7 @@ class ReplicatedState:
         if self._loading is not None:
             self._loading[group] = data
             return
-        self._restore({group: data})
+        self._restore({group: data}, installed=True)
 
     def finish_loading(self) -> None:
         """Merge the snapshots gathered while the driver restored its groups (once)."""
@@ -419,9 +419,12 @@ class ReplicatedState:
             return
         gathered, self._loading = self._loading, None
         if gathered:
-            self._restore(gathered)
+            self._restore(gathered, installed=False)
 
-    def _restore(self, snapshots: Mapping[str, bytes]) -> None:
+    def _restore(self, snapshots: Mapping[str, bytes], *, installed: bool) -> None:
+        """Replace the groups' parts of the views by ``snapshots``: this node's own at start
+        (its log then replays what came after), or ``installed`` from a leader (this node had
+        fallen behind the leader's log)."""
         decoded = {}
         for group, data in snapshots.items():
             obj = msgpack.unpackb(data, raw=False, strict_map_key=False) if data else {}
@@ -438,6 +441,12 @@ class ReplicatedState:
         for user in self.vault.users():
             if not elsewhere(user) and not any(user in keys for keys in present.values()):
                 self.vault.destroy(user)  # deleted in the history the snapshot covers
+                if installed:
+                    # A deletion this node never applied: its log may still hold the key.
+                    # (At start a user made after the snapshot is missing too, until the log
+                    # replays its key: no shred for that.)
+                    for hook in self.on_delete:
+                        hook(user)
         for obj in decoded.values():
             for user, rows in (obj.get("keys") or {}).items():
                 self._install_key({"u": user, "w": rows}, authoritative=True)

@@ -327,6 +327,15 @@ def _list_snapshot_files(directory: Path) -> list[tuple[int, int, Path]]:
     return sorted(found)
 
 
+def _count_superseded(targets: Iterable[tuple[Path, tuple[int, int]]]) -> int:
+    return sum(
+        1
+        for directory, keep in targets
+        for index, term, _ in _list_snapshot_files(directory)
+        if index < keep[0] or (index == keep[0] and term != keep[1])
+    )
+
+
 def _remove_superseded(directory: Path, keep: tuple[int, int]) -> None:
     """Delete the group's snapshot files older than ``keep`` (best effort). Blocking."""
     for index, term, path in _list_snapshot_files(directory):
@@ -442,6 +451,8 @@ class NodeWal:
         #: Hard-state records and snapshot files written since open (metrics and tests).
         self.hard_state_writes = 0
         self.commit_only_deferred = 0  # commit-only hard states left for a later batch
+        #: Per group: a hard state whose commit index moved, not written yet.
+        self._pending_commits: dict[str, HardState] = {}
         self.snapshot_files_written = 0
 
     # --- opening ---
@@ -569,7 +580,6 @@ class NodeWal:
                 await trio.to_thread.run_sync(_write_snapshot_files, self._snapshot_root, installs)
                 self.snapshot_files_written += len(installs)
             records: list[Record] = []
-            commits: list[Record] = []
             for group in sorted(readies):
                 ready = readies[group]
                 if ready.truncate_after is not None:
@@ -581,23 +591,27 @@ class NodeWal:
                 records.extend(_entry_record(group, entry) for entry in ready.entries)
                 durable = self.hard_state(group)
                 if ready.hard_state is not None and ready.hard_state != durable:
-                    hard_state = _hard_state_record(group, ready.hard_state)
                     if (ready.hard_state.term, ready.hard_state.voted_for) == (
                         durable.term,
                         durable.voted_for,
                     ):
-                        commits.append(hard_state)
+                        # Only the commit index moved: Raft keeps it volatile (a restarted node
+                        # learns it again from its leader), so it waits for a batch written
+                        # anyway and never costs an fdatasync of its own.
+                        self._pending_commits[group] = ready.hard_state
+                        self.commit_only_deferred += 1
                     else:
-                        records.append(hard_state)
+                        self._pending_commits.pop(group, None)
+                        records.append(_hard_state_record(group, ready.hard_state))
             if records:
-                # Only the commit index moved in ``commits``: Raft keeps it volatile (a restarted
-                # node learns it again from its leader), so it rides along with a batch that is
-                # written anyway and never costs an fdatasync of its own.
-                records.extend(commits)
-                await self._append(records)
-                self.hard_state_writes += sum(r.type == HARD_STATE_RECORD for r in records)
-            else:
-                self.commit_only_deferred += len(commits)
+                await self._append(self._with_pending_commits(records))
+
+    def _with_pending_commits(self, records: list[Record]) -> list[Record]:
+        """``records`` and the commit-only hard states waiting for a batch. Under the lock."""
+        pending, self._pending_commits = self._pending_commits, {}
+        records.extend(_hard_state_record(g, hs) for g, hs in sorted(pending.items()))
+        self.hard_state_writes += sum(r.type == HARD_STATE_RECORD for r in records)
+        return records
 
     def _check_ready(self, group: str, ready: Ready) -> None:
         """The checks :func:`_apply` makes, done before anything is written."""
@@ -676,7 +690,20 @@ class NodeWal:
                     f"{group}: compaction at {snapshot.index} (term {snapshot.term}) but the"
                     f" durable log holds {state.snap_index + 1}..{state.last_index}"
                 )
-            await self._append([_marker_record(group, snapshot, replaces=False)])
+            await self._append(
+                self._with_pending_commits([_marker_record(group, snapshot, replaces=False)])
+            )
+
+    async def remove_superseded_snapshots(self) -> int:
+        """Delete every group's snapshot files older than its current one (their removal is
+        best effort when a snapshot is adopted); how many could not be deleted."""
+        async with self._lock:
+            targets = [
+                (self._snapshot_root / name, (group.snap_index, group.snap_term))
+                for name, group in self._groups.items()
+            ]
+            await trio.to_thread.run_sync(_remove_all_superseded, targets)
+            return await trio.to_thread.run_sync(_count_superseded, targets)
 
     async def seal(self) -> None:
         """Seal the active segment: one record (a group's hard state again, which changes
@@ -686,7 +713,8 @@ class NodeWal:
             if group is None:
                 return  # nothing was ever voted or written
             self.log.roll_at_next_append()
-            await self._append([_hard_state_record(group, self._groups[group].hard_state)])
+            hard_state = self._pending_commits.pop(group, self._groups[group].hard_state)
+            await self._append(self._with_pending_commits([_hard_state_record(group, hard_state)]))
 
     async def compact(self, *, min_positions: int = 1) -> CompactResult:
         """Checkpoint the WAL so that it can drop every segment no group still needs.

@@ -769,6 +769,8 @@ class C2SConnection:
             elif isinstance(event, core.AuthFailed):
                 if self.ctx.metrics is not None:
                     self.ctx.metrics.auth_result(succeeded=False)
+                if event.condition == "temporary-auth-failure":
+                    continue  # the server could not check (logged where): not a bad guess
                 log.warning(
                     "authentication failed",
                     extra={

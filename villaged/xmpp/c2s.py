@@ -607,7 +607,8 @@ class C2SStream:
             username = sasl.username if sasl is not None else None
             self._sasl = None
             self._events.append(AuthFailed(username, mechanism, result.condition))
-            self._auth_failures += 1
+            if result.condition != "temporary-auth-failure":  # the server's fault, not a guess
+                self._auth_failures += 1
             if self._auth_failures >= MAX_AUTH_ATTEMPTS:
                 self._stream_error("policy-violation", "too many failed authentication attempts")
 
