@@ -75,7 +75,10 @@ def test_a_peer_that_knows_another_incarnation_of_us_makes_us_a_joiner() -> None
     assert decide("n1", me, {"n2": ("bbbb", boot), "n3": ("cccc", other)}, PEERS) == (None, True)
     joined = Identity("ffff", boot, joiner=True)
     assert joined.decided
-    assert joined.advertised_boot == {}  # a joiner says so (it did not start the cluster)
+    # It passes the boot on: a later joiner that hears only it learns the membership too.
+    assert joined.advertised_boot == boot
+    others = frozenset({"n1", "n3"})
+    assert decide("n2", Identity("gggg"), {"n1": ("ffff", boot)}, others) == (boot, True)
 
 
 def test_a_lost_incarnation_is_removed_then_the_new_one_added() -> None:

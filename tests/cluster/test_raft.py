@@ -653,10 +653,11 @@ def test_a_node_is_in_touch_while_it_hears_a_leader() -> None:
     assert touch("c")
 
     # Muted: c hears the leader, the leader never hears c. Heartbeats still come, entries
-    # no longer (c is not acknowledged): once c lacks what the leader had committed an
-    # election timeout ago, it is not in touch, however recently it heard the leader.
+    # no longer (c is not acknowledged): once c lacks what the leader had committed
+    # IN_TOUCH_ELECTIONS election timeouts ago, it is not in touch, however recently it
+    # heard the leader.
     cluster.drop = lambda message: message.sender == "c"
-    for n in range(3 * ELECTION):  # (c takes max_inflight appends unanswered, then none)
+    for n in range((raft.IN_TOUCH_ELECTIONS + 1) * ELECTION):  # (max_inflight get through)
         cluster.propose("a", b"w%d" % n)
         cluster.tick()
     assert cluster.nodes["c"].leader == "a"
@@ -667,6 +668,59 @@ def test_a_node_is_in_touch_while_it_hears_a_leader() -> None:
     cluster.tick(times=3)
     assert cluster.nodes["c"].applied == cluster.nodes["a"].commit
     assert touch("c")
+
+
+def test_a_node_back_from_a_silence_is_in_touch_only_once_caught_up() -> None:
+    cluster = Cluster(("a", "b", "c"))
+    cluster.add("d", frozenset("abc"))  # a learner: it never campaigns, keeps its leader
+    leader = cluster.nodes["a"]
+    leader.set_learners({"d"})
+    cluster.elect("a")
+    cluster.propose("a", b"x")
+    cluster.tick(times=2)
+    learner = cluster.nodes["d"]
+
+    def touch(node: RaftNode) -> bool:  # (a call: mypy does not narrow it across steps)
+        return node.in_touch
+
+    assert touch(learner)
+    cluster.isolated = {"d"}
+    for n in range(2 * ELECTION):
+        cluster.propose("a", b"y%d" % n)
+        cluster.tick()
+    assert learner.leader == "a"
+    assert not touch(learner)  # silent for longer than an election timeout
+    # The leader's first word after the silence: what d sampled before says nothing of now.
+    learner.step(Heartbeat(G, "a", "d", leader.term, 0, leader.commit))
+    take_ready(learner)
+    assert learner.applied < leader.commit
+    assert not touch(learner)
+    cluster.isolated = set()
+    cluster.tick(times=2)
+    assert learner.applied == leader.commit
+    assert touch(learner)
+
+    # Restarted with what it had on disk (same term), it ticks before its links are up.
+    restarted = RaftNode.restore(
+        config("d"),
+        random.Random(1),
+        hard_state=HardState(leader.term, None, 2),
+        snapshot=None,
+        entries=leader.entries(1, 3),
+        voters=frozenset("abc"),
+    )
+    for _ in range(3):
+        restarted.tick()
+    restarted.step(Heartbeat(G, "a", "d", leader.term, 2, leader.commit))
+    take_ready(restarted)
+    assert restarted.applied == 2 < leader.commit
+    assert not touch(restarted)
+
+
+def test_a_heartbeat_from_a_node_without_leader_commit_still_parses() -> None:
+    wire = raft.message_to_wire(Heartbeat(G, "a", "b", 3, 1, 9))
+    del wire["leader_commit"]  # what a node of the version before sends
+    assert raft.message_from_wire(wire) == Heartbeat(G, "a", "b", 3, 1, 0)
 
 
 def test_a_node_that_knows_no_voters_yet_does_not_compact() -> None:

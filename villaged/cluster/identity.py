@@ -76,11 +76,11 @@ class Identity:
 
     @property
     def advertised_boot(self) -> dict[str, str] | None:
-        """What the hello says: the boot membership, ``{}`` for a joiner (the cluster runs,
-        this node did not start it), None while undecided."""
-        if self.joiner:
-            return {}
-        return None if self.boot is None else dict(self.boot)
+        """What the hello says: the boot membership (a joiner's is the one it adopted), ``{}``
+        for a joiner that heard none (the cluster runs all the same), None while undecided."""
+        if self.boot is not None:
+            return dict(self.boot)
+        return {} if self.joiner else None
 
     @classmethod
     def load_or_create(cls, directory: Path) -> Identity:

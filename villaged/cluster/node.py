@@ -233,6 +233,15 @@ class ClusterNode:
                 "serving before the shards caught up with their committed entries",
                 extra={"event": "cluster.catch_up_timeout"},
             )
+        # Users the start-up snapshots dropped whose keys the log did not bring back were
+        # deleted (maybe by a snapshot installed meanwhile): their keys may be in old segments.
+        candidates, self.shared.destroyed_at_start = self.shared.destroyed_at_start, set()
+        vault = self.shared.vault
+        gone = await trio.to_thread.run_sync(
+            lambda: [user for user in sorted(candidates) if vault.export(user) is None]
+        )
+        for user in gone:
+            self._deleted(user)
         log.info(
             "cluster joined",
             extra={"event": "cluster.started", "node": self.node_id, "groups": len(targets)},

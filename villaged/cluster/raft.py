@@ -95,7 +95,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import Field, dataclass, fields
+from dataclasses import MISSING, Field, dataclass, fields
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 if TYPE_CHECKING:
@@ -135,6 +135,10 @@ __all__ = [
 ]
 
 _VOTER_SEPARATOR: Final = ","
+
+#: How far back (in election timeouts) a follower must have applied what its leader had
+#: committed to count as in touch (RaftNode.in_touch).
+IN_TOUCH_ELECTIONS: Final = 4
 
 
 class RandomSource(Protocol):
@@ -559,14 +563,15 @@ class RaftNode:
         """Whether a leader is known and was heard from within ``election_ticks`` (on the
         leader: until check-quorum deposes it) and this node has applied an entry of the
         current term (so everything committed before the term began, restored from disk or
-        not, is applied here): what it applied lags the group by about an election timeout at
-        most. A node cut off from the group's majority stops being in touch."""
+        not, is applied here), and, on a follower, it has applied what the leader had
+        committed ``IN_TOUCH_ELECTIONS`` election timeouts ago: what it applied lags the group
+        by about that much at most (a busy node lags a little; the window is wide enough that
+        an overloaded one does not flap). A node cut off from the majority stops being in touch."""
         if self.term_at(self.applied) != self.term:
             return False
         if self.role is Role.LEADER:
             return True
-        # A follower whose answers are lost is still sent heartbeats, but no entries: it is in
-        # touch only while it has applied what the leader had committed an election ago.
+        # A follower whose answers are lost is still sent heartbeats, but no entries.
         told_then = self._told_commits[0] if self._told_commits else 0
         return (
             self.leader is not None
@@ -581,9 +586,10 @@ class RaftNode:
         else:
             self._election_elapsed += 1
             told = self._told_commits
-            told.append(told[-1] if told else 0)  # one sample per tick, election_ticks kept
-            if len(told) > self.config.election_ticks:
-                told.popleft()
+            if told and self.leader is not None:
+                told.append(told[-1])  # one sample per tick while a leader talks to us
+                if len(told) > IN_TOUCH_ELECTIONS * self.config.election_ticks:
+                    told.popleft()
             if self._promotable() and self._election_elapsed >= self._timeout:
                 self._campaign(pre_vote=True)
 
@@ -952,6 +958,12 @@ class RaftNode:
 
     def _step_follower(self, message: Message) -> None:
         if isinstance(message, AppendEntries | Heartbeat | InstallSnapshot):
+            if self.leader != message.sender or self._election_elapsed >= (
+                self.config.election_ticks
+            ):
+                # Samples from before a silence (or of another leader) say nothing of now:
+                # until a window is sampled again, the leader's word now is the yardstick.
+                self._told_commits.clear()
             self._election_elapsed = 0
             self.leader = message.sender
             told = message.commit if isinstance(message, AppendEntries) else 0
@@ -1278,6 +1290,9 @@ def message_from_wire(wire: Mapping[str, Any]) -> Message:
         cls = _MESSAGE_TYPES[wire["type"]]
         values: dict[str, Any] = {}
         for f in _fields_of(cls):
+            if f.name not in wire and f.default is not MISSING:
+                values[f.name] = f.default  # a field newer than the sender
+                continue
             value = wire[f.name]
             if f.name == "entries":
                 if len(value) > MAX_WIRE_ENTRIES:

@@ -249,6 +249,8 @@ class ReplicatedState:
         # Per group: the last batch applied from each proposing process (node, boot id).
         self._seen: dict[str, dict[tuple[str, int], int]] = {}
         self.on_delete: list[Callable[[str], None]] = []
+        #: Users whose keys the snapshots restored at start did not hold (see _restore).
+        self.destroyed_at_start: set[str] = set()
 
     # --- progress ---
 
@@ -443,10 +445,12 @@ class ReplicatedState:
                 self.vault.destroy(user)  # deleted in the history the snapshot covers
                 if installed:
                     # A deletion this node never applied: its log may still hold the key.
-                    # (At start a user made after the snapshot is missing too, until the log
-                    # replays its key: no shred for that.)
                     for hook in self.on_delete:
                         hook(user)
+                else:
+                    # At start a user made after the snapshot is missing too, until the log
+                    # replays its key: the node checks again once it caught up.
+                    self.destroyed_at_start.add(user)
         for obj in decoded.values():
             for user, rows in (obj.get("keys") or {}).items():
                 self._install_key({"u": user, "w": rows}, authoritative=True)
