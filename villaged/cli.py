@@ -226,6 +226,35 @@ def cmd_cluster_run_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_force_recover(args: argparse.Namespace) -> int:
+    from villaged.cluster.recover import RecoverError, force_recover
+    from villaged.storage.errors import StorageError
+
+    config = _config(args)
+    if not args.majority_lost:
+        raise CommandError(
+            "force-recover makes this node the only voter of every group and may lose writes"
+            " that only the lost nodes held; run it on a stopped node only when the others are"
+            " gone for good, with --majority-lost, and bring them back with empty data"
+            " directories"
+        )
+    try:
+        done = trio.run(force_recover, config)
+    except (RecoverError, StorageError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    for item in done:
+        before = ", ".join(sorted(item.voters_before)) or "none known"
+        print(
+            f"{item.group}: voters were {before}; now only this node (entry {item.index},"
+            f" term {item.term}; {item.committed_before} entries known committed)"
+        )
+    print(
+        f"{len(done)} groups recovered. Start this node, then the others with empty data"
+        " directories: each rejoins as a new incarnation."
+    )
+    return 0
+
+
 def cmd_storage_verify(args: argparse.Namespace) -> int:
     from villaged.storage.verify import verify_store
 
@@ -461,6 +490,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", required=True, metavar="DIR", help="the cluster's directory")
     p.set_defaults(func=cmd_cluster_run_local)
+    p = with_config(
+        cluster_sub.add_parser(
+            "force-recover",
+            help="last resort after losing most voters for good: make this stopped node the"
+            " only voter of every group",
+        )
+    )
+    p.add_argument(
+        "--majority-lost",
+        action="store_true",
+        help="confirm: the other voters are gone for good (they come back with empty data)",
+    )
+    p.set_defaults(func=cmd_cluster_force_recover)
 
     storage = sub.add_parser("storage", help="inspect the data directory")
     storage_sub = storage.add_subparsers(dest="storage_command", required=True, metavar="ACTION")

@@ -1,7 +1,8 @@
 """Real processes, real faults: three (or five) `villaged run` nodes in distinct zones on
 loopback, every link through a fault proxy, clients sending with XEP-0198 acks while the test
 SIGKILLs a follower, SIGKILLs a shard leader, cuts a leader off (both ways, or only what it
-sends), kills a whole zone, or wipes a node's disk. After healing, every acknowledged message
+sends), kills a whole zone, wipes a node's disk, or loses two of three nodes for good (the
+survivor is forced to carry on alone). After healing, every acknowledged message
 is in the recipient's archive on every node, and the recipient's offline queue hands each one
 over exactly once; writes resume within 5 s of a leader's loss."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -198,3 +200,46 @@ async def test_a_node_whose_disk_is_lost_rejoins_and_catches_up(short_root: Path
                     break
                 await trio.sleep(0.2)
         await check_delivered(cluster, [sender])
+
+
+async def test_a_survivor_forced_to_carry_on_alone_after_losing_both_others(
+    short_root: Path,
+) -> None:
+    async with running_cluster(short_root, ("a", "b", "c")) as cluster:
+        await cluster.add_users(["alice", "bob", "carol"])
+        # (alice sends on n1, which acknowledges only what it applied: it has every one.)
+        sender = AckedSender(cluster, "alice", "bob@localhost", ["n1"], "a", pause_s=0)
+        await sender.run(trio.Event(), 50)
+        command = [sys.executable, "-m", "villaged", "cluster", "force-recover"]
+        command += ["-c", str(cluster.files["n1"].config)]
+        running = await trio.run_process(
+            [*command, "--majority-lost"], capture_stderr=True, check=False
+        )
+        assert running.returncode != 0
+        assert b"in use by another villaged process" in running.stderr
+        # n2 and n3 are gone for good (two zones): no group can commit any more.
+        await cluster.kill("n2")
+        await cluster.kill("n3")
+        await cluster.kill("n1")
+        refused = await trio.run_process(command, capture_stderr=True, check=False)
+        assert refused.returncode != 0
+        assert b"--majority-lost" in refused.stderr
+        done = await trio.run_process([*command, "--majority-lost"], capture_stdout=True)
+        assert b"17 groups recovered" in done.stdout
+        await cluster.start_node("n1")
+        await cluster.wait_ready(["n1"])
+        # Alone, it commits: alice's next messages are acknowledged.
+        after = AckedSender(cluster, "alice", "carol@localhost", ["n1"], "b", pause_s=0)
+        await after.run(trio.Event(), 20)
+        # The others come back with empty data directories and are voters again.
+        for node_id in ("n2", "n3"):
+            shutil.rmtree(cluster.files[node_id].directory / "data")
+            await cluster.start_node(node_id)
+        await cluster.wait_ready(["n2", "n3"])
+        with trio.fail_after(60):
+            while True:
+                groups = (await cluster.status("n1"))["groups"]
+                if all(len(g["voters"]) == 3 for g in groups):
+                    break
+                await trio.sleep(0.5)
+        await check_delivered(cluster, [sender, after])

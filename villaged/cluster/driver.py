@@ -57,7 +57,7 @@ import re
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import trio
 
@@ -95,6 +95,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("villaged.cluster")
+
+#: Where a node keeps its write-ahead log, under its storage root.
+WAL_DIR: Final = "wal"
+
 T = TypeVar("T")
 _GROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
@@ -282,7 +286,7 @@ class NodeDriver:
                 wal = await trio.to_thread.run_sync(
                     partial(
                         NodeWal.open,
-                        self.storage_root / "wal",
+                        self.storage_root / WAL_DIR,
                         max_entry_bytes=self.config.max_entry_bytes,
                         segment_bytes=self.config.segment_bytes,
                     )

@@ -134,7 +134,7 @@ class Store:
         (accounts, plus the feature ``views`` the node passes in)."""
         directory = options.directory
         _prepare_directory(directory)
-        lock_fd = _lock_directory(directory)
+        lock_fd = lock_directory(directory)
         try:
             keyset = crypto.Keyset.load(options.keyset)
             vault = crypto.UserKeyVault.open(directory / "vault", keyset)
@@ -552,7 +552,9 @@ def _prepare_directory(directory: Path) -> None:
         )
 
 
-def _lock_directory(directory: Path) -> int:
+def lock_directory(directory: Path) -> int:
+    """Take the data directory's lock (one process at a time: DataDirError names the holder's
+    pid); closing the returned descriptor releases it."""
     fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
