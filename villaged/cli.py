@@ -245,8 +245,9 @@ def cmd_cluster_force_recover(args: argparse.Namespace) -> int:
     for item in done:
         before = ", ".join(sorted(item.voters_before)) or "none known"
         print(
-            f"{item.group}: voters were {before}; now only this node (entry {item.index},"
-            f" term {item.term}; {item.committed_before} entries known committed)"
+            f"{item.group}: voters were {before} (now fenced); now only this node. Its log"
+            f" ended at entry {item.index - 1} of term {item.last_term_before}"
+            f" ({item.committed_before} known committed)"
         )
     print(
         f"{len(done)} groups recovered. Start this node, then the others with empty data"

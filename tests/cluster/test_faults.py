@@ -231,6 +231,16 @@ async def test_a_survivor_forced_to_carry_on_alone_after_losing_both_others(
         # Alone, it commits: alice's next messages are acknowledged.
         after = AckedSender(cluster, "alice", "carol@localhost", ["n1"], "b", pause_s=0)
         await after.run(trio.Event(), 20)
+        # n3 comes back with its old data (its old incarnation): fenced, never taken back.
+        await cluster.start_node("n3")
+        log = cluster.files["n1"].directory / "villaged.log"
+        with trio.fail_after(20):
+            while b"cluster.fenced_member" not in log.read_bytes():  # noqa: ASYNC110 - a file
+                await trio.sleep(0.2)
+        await trio.sleep(2)
+        groups = (await cluster.status("n1"))["groups"]
+        assert all(len(g["voters"]) == 1 and g["role"] == "leader" for g in groups)
+        await cluster.kill("n3")
         # The others come back with empty data directories and are voters again.
         for node_id in ("n2", "n3"):
             shutil.rmtree(cluster.files[node_id].directory / "data")

@@ -92,6 +92,22 @@ def test_a_lost_incarnation_is_removed_then_the_new_one_added() -> None:
     assert _membership_change(voters, placed, {}, "n1") is None
 
 
+def test_after_a_forced_recovery_the_placed_come_back_and_an_unplaced_voter_goes() -> None:
+    # n4 survived alone and was forced to be the one voter of a group placed on n1, n2, n3.
+    placed = ("n1", "n2", "n3")
+    hellos = {"n1": ("a", None), "n2": ("b", None), "n3": ("c", None)}
+    voters = frozenset({"n4~d"})
+    assert _membership_change(voters, placed, hellos, "n4") == ("n1~a", "")
+    voters |= {"n1~a", "n2~b"}
+    assert _membership_change(voters, placed, hellos, "n4") == ("n3~c", "")
+    # Every placed node votes: n4 (not placed) goes, itself, last.
+    voters |= {"n3~c", "n5~e"}
+    assert _membership_change(voters, placed, hellos, "n4") == ("", "n5~e")
+    assert _membership_change(voters - {"n5~e"}, placed, hellos, "n4") == ("", "n4~d")
+    # Not before: while a placed node is missing, the unplaced voter keeps the quorum.
+    assert _membership_change(frozenset({"n4~d", "n1~a"}), placed, {}, "n4") is None
+
+
 def test_a_log_without_its_identity_or_an_identity_without_its_log_is_refused(
     tmp_path: Path,
 ) -> None:

@@ -98,6 +98,8 @@ logger = logging.getLogger("villaged.cluster")
 
 #: Where a node keeps its write-ahead log, under its storage root.
 WAL_DIR: Final = "wal"
+#: How far a learner may trail the commit index and still be made a voter (NodeDriver.caught_up).
+CAUGHT_UP_ENTRIES: Final = 64
 
 T = TypeVar("T")
 _GROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -603,6 +605,13 @@ class NodeDriver:
 
     def leader(self, group_name: str) -> str | None:
         return self._groups[group_name].node.leader
+
+    def caught_up(self, group_name: str, member: str) -> bool:
+        """On the group's leader: whether ``member`` (a learner, say) holds about everything
+        committed (within CAUGHT_UP_ENTRIES), so that making it a voter stalls no commit."""
+        node = self._groups[group_name].node
+        match = node.match_index(member)
+        return match is not None and node.commit - match <= CAUGHT_UP_ENTRIES
 
     def in_touch(self, group_name: str) -> bool:
         """Whether this node hears the group's leader (RaftNode.in_touch)."""

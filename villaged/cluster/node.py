@@ -35,7 +35,8 @@ from villaged.cluster.driver import DriverConfig, NodeDriver
 from villaged.cluster.identity import Identity, IdentityError, decide, node_of, voter_id
 from villaged.cluster.links import LinkConfig, Peer, PeerLinks
 from villaged.cluster.placement import META_GROUP, Member, Placement, group_ids, place
-from villaged.cluster.raft import RaftError
+from villaged.cluster.raft import Message, RaftError
+from villaged.cluster.recover import RecoverError, load_fenced
 from villaged.cluster.replicated import (
     MetaApplication,
     ReplicatedState,
@@ -107,6 +108,10 @@ class ClusterNode:
     _unshredded: set[str] = field(default_factory=set)
     _shred_wanted: trio.Event = field(default_factory=trio.Event)
     shredded: int = 0  # accounts whose keys are gone from this node's log and snapshots
+    #: Members a forced recovery left behind (villaged.cluster.recover): never taken back,
+    #: their Raft messages dropped.
+    fenced: frozenset[str] = frozenset()
+    _fenced_heard: set[str] = field(default_factory=set)
 
     @property
     def directory(self) -> Path:
@@ -141,7 +146,8 @@ class ClusterNode:
         }
         try:
             identity = Identity.load_or_create(config.storage.dir / "cluster")
-        except (IdentityError, OSError) as exc:
+            fenced = load_fenced(config.storage.dir / "cluster")
+        except (IdentityError, RecoverError, OSError) as exc:
             raise ClusterStartupError(f"storage.dir: {exc}") from None
         node: ClusterNode
         links = PeerLinks(
@@ -150,7 +156,7 @@ class ClusterNode:
             peers,
             server_context=server,
             client_context=client,
-            deliver=lambda message: node.driver.deliver(message),
+            deliver=lambda message: node._deliver_raft(message),
             deliver_app=lambda peer, frame: node._dispatch(peer, frame),
             on_outbound_up=lambda peer: node._link_up(peer),
             on_inbound_lost=lambda peer: node._peer_lost(peer),
@@ -181,6 +187,7 @@ class ClusterNode:
         node = cls(config, node_id, driver, links, shared, replicator, meta)
         node.placement = placement
         node.identity = identity
+        node.fenced = fenced
         node.routes.append(FrameRoute("fwd.", replicator.receive))
         shared.on_delete.append(node._deleted)
         return node
@@ -253,7 +260,20 @@ class ClusterNode:
         identity = self.identity
         return None if identity is None else identity.advertised_boot
 
+    def _deliver_raft(self, message: Message) -> None:
+        if message.sender in self.fenced:
+            return  # a member a forced recovery left behind (logged at its hello)
+        self.driver.deliver(message)
+
     def _heard(self, hello: Hello) -> None:
+        member = voter_id(hello.node_id, hello.incarnation)
+        if member in self.fenced and member not in self._fenced_heard:
+            self._fenced_heard.add(member)
+            log.error(
+                "a node came back with the data of a member a forced recovery left behind;"
+                " it is not taken back: stop it and empty its data directory",
+                extra={"event": "cluster.fenced_member", "member": member},
+            )
         self.hellos[hello.node_id] = (hello.incarnation, hello.boot)
         self._hello_changed.set()
         self._hello_changed = trio.Event()
@@ -311,12 +331,17 @@ class ClusterNode:
             for group, status in self.driver.status().items():
                 if status.role.value != "leader":
                     continue
-                learners = _learners(placement.replicas[group], self.hellos, self.node_id)
+                hellos = self._unfenced_hellos()
+                placed = placement.replicas[group]
+                learners = _learners(placed, hellos, self.node_id)
+                change = _membership_change(status.voters, placed, hellos, self.node_id)
+                if change is not None and change[0] and not self.driver.caught_up(group, change[0]):
+                    # It catches up as a learner first: added at once, an empty member could
+                    # hold back every commit of a group of one or two voters until it has.
+                    learners |= {change[0]}
+                    change = None
                 if learners != self.driver.learners(group):
                     await self.driver.set_learners(group, learners)
-                change = _membership_change(
-                    status.voters, placement.replicas[group], self.hellos, self.node_id
-                )
                 if change is None:
                     continue
                 add, remove = change
@@ -334,6 +359,13 @@ class ClusterNode:
                         "removed": remove,
                     },
                 )
+
+    def _unfenced_hellos(self) -> dict[str, tuple[str, Mapping[str, str] | None]]:
+        return {
+            node: hello
+            for node, hello in self.hellos.items()
+            if voter_id(node, hello[0]) not in self.fenced
+        }
 
     async def _keep_membership(self) -> None:
         """Whoever leads the meta group commits the membership if none is yet."""
@@ -552,6 +584,12 @@ def _membership_change(
         current = hellos.get(node)
         if node not in present and current is not None:
             return voter_id(node, current[0]), ""
+    if all(node in present for node in placed):
+        # Every placed node votes: a voter that is not placed goes (a forced recovery made a
+        # node that was only a learner the group's one voter), even this node, last.
+        for voter in sorted(voters, key=lambda v: node_of(v) == me):
+            if node_of(voter) not in placed:
+                return "", voter
     return None
 
 

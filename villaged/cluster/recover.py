@@ -12,18 +12,22 @@ the recovered leader adds back, one at a time, as their hellos arrive (villaged.
 and that catches up by snapshot and log.
 
 This is unsafe by nature and says so: acknowledged writes that reached only the lost nodes are
-gone, and a lost node that comes back with its old data could form a majority of the old
-membership with another one and accept writes that the recovered cluster never sees. Hence
-the flag it requires, and the refusal while the node runs (the data directory's lock).
+gone. Hence the flag it requires, and the refusal while the node runs (the data directory's
+lock). The lost members are *fenced* (``fenced.json`` beside the log): the recovered node never
+takes them back and drops their Raft messages, so a lost node that returns with its old data
+(and its old incarnation) cannot pull the recovered groups back into the old membership; it
+is logged, to be wiped. Run it on one survivor only, the most up to date (each group's last
+index and term are printed).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -42,9 +46,14 @@ from villaged.cluster.raft import (
 from villaged.cluster.wal import LOG_DIR, NodeWal
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from villaged.config import Config
 
-__all__ = ["GroupRecovery", "RecoverError", "force_recover"]
+__all__ = ["FENCED_FILE", "GroupRecovery", "RecoverError", "force_recover", "load_fenced"]
+
+#: The members a forced recovery left behind, in the node's cluster directory.
+FENCED_FILE: Final = "fenced.json"
 
 
 class RecoverError(Exception):
@@ -58,6 +67,38 @@ class GroupRecovery:
     term: int  # the term of the new membership entry
     index: int  # its index
     committed_before: int  # what the group had committed as far as this node knew
+    last_term_before: int  # the term of its last entry before (compare survivors by it)
+
+
+def load_fenced(directory: Path) -> frozenset[str]:
+    """The members fenced off by forced recoveries of this node (none if it never had one)."""
+    try:
+        doc = json.loads((directory / FENCED_FILE).read_text())
+    except FileNotFoundError:
+        return frozenset()
+    except (OSError, ValueError) as exc:
+        raise RecoverError(f"{directory / FENCED_FILE}: unreadable: {exc}") from None
+    members = doc.get("fenced") if isinstance(doc, dict) else None
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise RecoverError(f"{directory / FENCED_FILE}: 'fenced' is not a list of members")
+    return frozenset(members)
+
+
+def _save_fenced(directory: Path, members: frozenset[str]) -> None:
+    path = directory / FENCED_FILE
+    temporary = path.with_suffix(".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps({"fenced": sorted(members)}, indent=1).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 async def force_recover(config: Config) -> list[GroupRecovery]:
@@ -76,15 +117,12 @@ async def force_recover(config: Config) -> list[GroupRecovery]:
             identity = Identity.load_or_create(directory)
         except (IdentityError, OSError) as exc:
             raise RecoverError(f"{directory}: {exc}") from None
-        if identity.boot is None:
-            raise RecoverError(
-                f"{directory}: this node never knew how the cluster started (no boot membership"
-                " in its identity): it holds no group to recover"
-            )
+        if not identity.decided:
+            raise RecoverError(f"{directory}: this node never joined its cluster: nothing here")
         me = voter_id(config.server.node, identity.incarnation)
         members = [Member(n.id, n.zone, str(n.address)) for n in cluster.nodes]
         placement = place(members, shards=cluster.shards, replicas=cluster.replicas)
-        boot = identity.boot
+        boot = identity.boot or {}  # (a joiner that heard none started its groups without)
         limits = DriverConfig()  # as the node's driver opens it
         wal = await trio.to_thread.run_sync(
             partial(
@@ -95,6 +133,7 @@ async def force_recover(config: Config) -> list[GroupRecovery]:
             )
         )
         done: list[GroupRecovery] = []
+        readies: dict[str, Ready] = {}
         async with trio.open_nursery() as nursery:
             await nursery.start(wal.run)
             try:
@@ -104,9 +143,17 @@ async def force_recover(config: Config) -> list[GroupRecovery]:
                         for node in placement.replicas[group]
                         if node in boot
                     }
-                    recovery = await _recover_group(wal, group, me, first_voters)
-                    if recovery is not None:
-                        done.append(recovery)
+                    planned = await _plan_group(wal, group, me, first_voters)
+                    if planned is not None:
+                        done.append(planned[0])
+                        readies[group] = planned[1]
+                fenced = load_fenced(directory) | {
+                    voter for item in done for voter in item.voters_before if voter != me
+                }
+                # Fenced first: a crash before the log is written leaves only a harmless fence
+                # (the command is run again); the reverse could start unfenced.
+                await trio.to_thread.run_sync(_save_fenced, directory, fenced)
+                await wal.persist_many(readies)  # every group at once (one batch)
             finally:
                 wal.close()
         return done
@@ -114,9 +161,9 @@ async def force_recover(config: Config) -> list[GroupRecovery]:
         os.close(lock)
 
 
-async def _recover_group(
+async def _plan_group(
     wal: NodeWal, group: str, me: str, first_voters: set[str]
-) -> GroupRecovery | None:
+) -> tuple[GroupRecovery, Ready] | None:
     state = await trio.to_thread.run_sync(wal.load, group)
     node = RaftNode.restore(
         RaftConfig(me, group),
@@ -132,5 +179,6 @@ async def _recover_group(
     index = node.last_index + 1
     entry = Entry(index, term, EntryKind.CONFIG, encode_voters({me}))
     hard_state = HardState(term, me, state.hard_state.commit)
-    await wal.persist(group, Ready(hard_state, None, None, (entry,), (), (), None))
-    return GroupRecovery(group, node.voters, term, index, node.commit)
+    last_term = node.term_at(node.last_index) or 0
+    recovery = GroupRecovery(group, node.voters, term, index, node.commit, last_term)
+    return recovery, Ready(hard_state, None, None, (entry,), (), (), None)
