@@ -327,28 +327,31 @@ def _list_snapshot_files(directory: Path) -> list[tuple[int, int, Path]]:
     return sorted(found)
 
 
-def _count_superseded(targets: Iterable[tuple[Path, tuple[int, int]]]) -> int:
-    return sum(
-        1
-        for directory, keep in targets
-        for index, term, _ in _list_snapshot_files(directory)
+def _superseded(directory: Path, keep: tuple[int, int]) -> list[Path]:
+    """The group's snapshot files older than ``keep`` (index, term). Blocking."""
+    return [
+        path
+        for index, term, path in _list_snapshot_files(directory)
         if index < keep[0] or (index == keep[0] and term != keep[1])
-    )
+    ]
+
+
+def _count_superseded(targets: Iterable[tuple[Path, tuple[int, int]]]) -> int:
+    return sum(len(_superseded(directory, keep)) for directory, keep in targets)
 
 
 def _remove_superseded(directory: Path, keep: tuple[int, int]) -> None:
     """Delete the group's snapshot files older than ``keep`` (best effort). Blocking."""
-    for index, term, path in _list_snapshot_files(directory):
-        if index < keep[0] or (index == keep[0] and term != keep[1]):
-            try:
-                path.unlink()
-            except OSError as exc:
-                logger.warning(
-                    "could not delete superseded snapshot %s: %s",
-                    path,
-                    exc,
-                    extra={"event": "cluster.snapshot_cleanup_failed", "path": str(path)},
-                )
+    for path in _superseded(directory, keep):
+        try:
+            path.unlink()
+        except OSError as exc:
+            logger.warning(
+                "could not delete superseded snapshot %s: %s",
+                path,
+                exc,
+                extra={"event": "cluster.snapshot_cleanup_failed", "path": str(path)},
+            )
 
 
 # --- checkpoints (the WAL's own snapshots) ---------------------------------------------------
