@@ -435,3 +435,24 @@ async def test_a_surge_of_failed_tls_handshakes_raises_an_alert(
 
 def _alerted(caplog: pytest.LogCaptureFixture) -> bool:
     return any(r.__dict__.get("event") == "security.alert" for r in caplog.records)
+
+
+async def test_logins_the_server_cannot_check_are_not_counted_as_guesses(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await start_node(
+        nursery, tmp_path, extra_toml="[monitor]\nauth_failures_per_ip = 3\n"
+    )
+    # As on a cluster node cut off from the account's shard (villaged.net.c2s._credentials).
+    monkeypatch.setattr(running.node.store, "in_touch", lambda user: False)
+    for _ in range(5):
+        client = await RawClient.connect(running.c2s, running.ca_file)
+        with pytest.raises(PermissionError, match="temporary-auth-failure"):
+            await client.login("alice", "alice-password")
+        await client.aclose()
+    assert not running.node.monitor.is_blocked("127.0.0.1")
+    monkeypatch.undo()
+    await (await _wrong_password(running.c2s, running.ca_file)).aclose()  # a guess counts
+    client = await RawClient.connect(running.c2s, running.ca_file)
+    await client.login("alice", "alice-password")
+    await client.aclose()

@@ -770,7 +770,7 @@ class C2SConnection:
                 if self.ctx.metrics is not None:
                     self.ctx.metrics.auth_result(succeeded=False)
                 if event.condition == "temporary-auth-failure":
-                    continue  # the server could not check (logged where): not a bad guess
+                    continue  # the server could not check (logged in _credentials): no guess
                 log.warning(
                     "authentication failed",
                     extra={
