@@ -6,7 +6,7 @@ import datetime as dt
 import stat
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -22,6 +22,8 @@ from villaged.cluster.raft import Entry, Heartbeat, Message, Role
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from villaged.cluster.wire import Hello
 
 NODES = ("n1", "n2", "n3")
 CLUSTER = "village"
@@ -75,7 +77,15 @@ class Harness:
         self.nodes[node.node_id] = node
         return listeners[0]
 
-    async def start(self, node: Node, listener: trio.SocketListener, as_id: str = "") -> PeerLinks:
+    async def start(
+        self,
+        node: Node,
+        listener: trio.SocketListener,
+        as_id: str = "",
+        *,
+        hello: Callable[[], tuple[str, Any]] | None = None,
+        on_hello: Callable[[Hello], None] | None = None,
+    ) -> PeerLinks:
         ca_file, cert_file, key_file = node.files()
         node.received = []
         links = PeerLinks(
@@ -85,6 +95,8 @@ class Harness:
             server_context=pki.server_context(ca_file, cert_file, key_file),
             client_context=pki.client_context(ca_file, cert_file, key_file),
             deliver=node.received.append,
+            hello=hello,
+            on_hello=on_hello,
             config=FAST,
         )
         node.links = links
@@ -155,6 +167,34 @@ async def test_messages_flow_between_three_nodes_and_a_restart_reconnects(
         assert n1.links.connects("n2") == 2
         n1.links.send(heartbeat("n1", "n2", term=3))
         await wait_for(lambda: any(m.term == 3 for m in n2.received))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_changed_hello_reaches_peers_on_links_already_up(
+    tmp_path: Path, ca: pki.ClusterCa
+) -> None:
+    async with trio.open_nursery() as nursery:
+        harness = Harness(nursery)
+        nodes = [make_credentials(tmp_path, ca, n) for n in NODES[:2]]
+        listeners = [await harness.listen(node) for node in nodes]
+        heard: dict[str, list[tuple[str, object]]] = {n.node_id: [] for n in nodes}
+        says: dict[str, object] = {"n1": None, "n2": None}
+        for node, listener in zip(nodes, listeners, strict=True):
+            me = node.node_id
+            await harness.start(
+                node,
+                listener,
+                hello=partial(lambda me: ("inc" + me, says[me]), me),
+                on_hello=partial(lambda me, h: heard[me].append((h.node_id, h.boot)), me),
+            )
+        n1 = nodes[0]
+        assert n1.links is not None
+        await wait_for(lambda: n1.links is not None and n1.links.connected("n2"))
+        await wait_for(lambda: ("n1", None) in heard["n2"])
+        says["n1"] = {"n1": "incn1", "n2": "incn2"}  # n1 decided how the cluster starts
+        n1.links.announce()
+        await wait_for(lambda: ("n1", says["n1"]) in heard["n2"])
+        assert n1.links.connects("n2") == 1  # on the same link, not a new one
         nursery.cancel_scope.cancel()
 
 

@@ -40,7 +40,7 @@ import logging
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -102,12 +102,19 @@ class LinkConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
 
 
+class _HelloAgain:
+    """Queued by :meth:`PeerLinks.announce`: the pump sends a fresh hello in its place."""
+
+
+_HELLO_AGAIN: Final = _HelloAgain()
+
+
 class _Outbound:
     __slots__ = ("connected", "connects", "dropped", "peer", "queue", "wake")
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
-        self.queue: deque[Message | tuple[str, Any]] = deque()
+        self.queue: deque[Message | tuple[str, Any] | _HelloAgain] = deque()
         self.wake = trio.Event()
         self.dropped = 0
         self.connected = False
@@ -169,10 +176,16 @@ class PeerLinks:
         item when full). False if ``peer_id`` is not a peer."""
         return self._queue(peer_id, (kind, body))
 
+    def announce(self) -> None:
+        """Tell every peer what this node's hello says now (it changed: the node decided how
+        it joins the cluster), on the links already up; new links say it anyway."""
+        for peer_id in self._outbound:
+            self._queue(peer_id, _HELLO_AGAIN)
+
     def peers(self) -> list[str]:
         return sorted(self._outbound)
 
-    def _queue(self, peer_id: str, item: Message | tuple[str, Any]) -> bool:
+    def _queue(self, peer_id: str, item: Message | tuple[str, Any] | _HelloAgain) -> bool:
         outbound = self._outbound.get(peer_id)
         if outbound is None:
             self.unroutable += 1
@@ -310,7 +323,9 @@ class PeerLinks:
             while queue and len(chunks) < _SEND_BATCH_MESSAGES:
                 item = queue.popleft()
                 try:
-                    if isinstance(item, tuple):
+                    if isinstance(item, _HelloAgain):
+                        chunks.append(self._encode_hello())
+                    elif isinstance(item, tuple):
                         chunks.append(encode_app_frame(*item, max_frame_bytes=limit))
                     else:
                         chunks.append(encode_envelope(item, max_frame_bytes=limit))
@@ -406,6 +421,9 @@ class PeerLinks:
             elif isinstance(frame, AppFrame) and self._deliver_app is not None:
                 self.received += 1
                 self._deliver_app(peer_id, frame)
+            elif isinstance(frame, Hello) and frame.same_node(peer_id, self.cluster_id):
+                if self._on_hello is not None:
+                    self._on_hello(frame)  # what the peer says of itself changed
             else:
                 raise LinkRefusedError(f"{peer_id} sent {frame!r} on an established link")
 

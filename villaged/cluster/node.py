@@ -293,6 +293,8 @@ class ClusterNode:
                 identity = self.identity = await trio.to_thread.run_sync(
                     partial(identity.decide, self.directory, boot=boot, joiner=joiner)
                 )
+                # Peers still deciding must hear it: they heard "undecided" when we linked.
+                self.links.announce()
                 log.info(
                     "joining a running cluster as a new incarnation"
                     if joiner
