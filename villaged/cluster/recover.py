@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from villaged.cluster.driver import WAL_DIR, DriverConfig
+from villaged.cluster.identity import FILE_NAME as IDENTITY_FILE
 from villaged.cluster.identity import Identity, IdentityError, voter_id
 from villaged.cluster.placement import Member, group_ids, place
 from villaged.cluster.raft import (
@@ -111,10 +112,12 @@ async def force_recover(config: Config) -> list[GroupRecovery]:
     directory = config.storage.dir / "cluster"
     if not (directory / WAL_DIR / LOG_DIR).is_dir():
         raise RecoverError(f"{directory}: no Raft log here: nothing to recover from")
+    if not (directory / IDENTITY_FILE).is_file():
+        raise RecoverError(f"{directory}: no {IDENTITY_FILE} beside the Raft log: not recoverable")
     lock = lock_directory(config.storage.dir)  # DataDirError while the node runs
     try:
         try:
-            identity = Identity.load_or_create(directory)
+            identity = Identity.load_or_create(directory)  # (it exists: only loaded)
         except (IdentityError, OSError) as exc:
             raise RecoverError(f"{directory}: {exc}") from None
         if not identity.decided:
