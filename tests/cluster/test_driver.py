@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from villaged.cluster.driver import (
+    CAUGHT_UP_ENTRIES,
     DriverConfig,
     NodeDriver,
     NotLeaderError,
@@ -282,6 +283,26 @@ async def test_a_lagging_node_catches_up_from_a_snapshot(
         for node in NODES:
             await cluster.start(node)
         await cluster.until(lambda: cluster.converged("g1", 31), 2 * TICKS)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_member_counts_as_caught_up_only_near_the_commit_index(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, tmp_path)
+        for node in NODES:
+            await cluster.start(node)
+        leader = await cluster.leader("g1")
+        lagging = next(n for n in NODES if n != leader.node_id)
+        assert leader.caught_up("g1", lagging)
+        assert not leader.caught_up("g1", "stranger")  # not replicated to at all
+        await cluster.stop(lagging)
+        for n in range(CAUGHT_UP_ENTRIES + 10):
+            await cluster.propose("g1", b"c%d" % n)
+        assert not leader.caught_up("g1", lagging)  # it would hold back commits as a voter
+        await cluster.start(lagging)
+        await cluster.until(lambda: leader.caught_up("g1", lagging), 2 * TICKS)
         nursery.cancel_scope.cancel()
 
 
